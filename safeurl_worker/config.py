@@ -1,0 +1,174 @@
+"""Configuration from the environment (pydantic-settings).
+
+The first group of names is the contract with existing deployments; do not rename them.
+An invalid value stops start-up with one message naming the variable (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from functools import cached_property
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """Raised for invalid configuration; the message names the variable."""
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore",
+                                      frozen=True)
+
+    # --- contract names used by the existing deployment ---
+    redis_host: str = "localhost"
+    redis_port: int = Field(default=6379, ge=1, le=65535)
+    redis_password: str = ""
+    redis_url: str = ""  # wins over host/port/password when set
+    database_url: str = "postgresql://localhost/safeurl"
+    docker_socket_path: str = "/var/run/docker.sock"
+    fetcher_image: str = "safeurl-fetcher:latest"
+    worker_concurrency: int = Field(default=5, ge=1, le=1000)
+    container_timeout_ms: int = Field(default=30000, ge=1000, le=600_000)
+    container_memory_limit_mb: int = Field(default=512, ge=32, le=65536)
+    container_cpu_limit: float = Field(default=0.5, gt=0, le=64)
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+
+    # --- stream and identity ---
+    scan_stream: str = Field(default="scan-jobs", min_length=1)
+    scan_group: str = Field(default="scan-workers", min_length=1)
+    dead_letter_stream: str = Field(default="scan-jobs:dead", min_length=1)
+    worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
+
+    # --- leases and recovery ---
+    lease_renew_ms: int = Field(default=5000, ge=100)
+    lease_timeout_ms: int = Field(default=15000, ge=500)
+    max_deliveries: int = Field(default=5, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    shutdown_grace_s: float = Field(default=25, ge=0)
+    read_batch: int = Field(default=50, ge=1, le=1000)
+    read_block_ms: int = Field(default=1000, ge=10, le=60_000)
+    unknown_job_retries: int = Field(default=3, ge=0)
+    unknown_job_delay_ms: int = Field(default=500, ge=0)
+    janitor_interval_s: float = Field(default=5, gt=0)
+    requeue_after_s: float = Field(default=60, ge=0)
+
+    # --- fetcher sandbox ---
+    fetcher_network: str = "bridge"
+    container_pids_limit: int = Field(default=64, ge=8)
+    container_tmpfs_mb: int = Field(default=16, ge=1)
+    container_output_max_bytes: int = Field(default=1_048_576, ge=4096)
+    fetch_allowed_ports: str = "80,443"
+    fetch_allow_cidrs: str = ""
+    fetch_max_redirects: int = Field(default=5, ge=0, le=20)
+    fetch_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    fetch_timeout_ms: int = Field(default=0, ge=0)  # 0: derived from the container timeout
+
+    # --- analysis ---
+    blocklist_path: str = ""
+    result_cache_ttl_s: int = Field(default=300, ge=0)
+    suspicious_threshold: int = Field(default=30, ge=1, le=100)
+    malicious_threshold: int = Field(default=70, ge=1, le=100)
+
+    # --- logging ---
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v not in ("json", "text"):
+            raise ValueError("must be 'json' or 'text'")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql://")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("fetch_allowed_ports")
+    @classmethod
+    def _ports(cls, v: str) -> str:
+        ports = [p.strip() for p in v.split(",") if p.strip()]
+        if not ports or not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+            raise ValueError("must be a comma-separated list of TCP ports")
+        return ",".join(ports)
+
+    @field_validator("fetch_allow_cidrs")
+    @classmethod
+    def _cidrs(cls, v: str) -> str:
+        cidrs = [c.strip() for c in v.split(",") if c.strip()]
+        for c in cidrs:
+            ipaddress.ip_network(c, strict=False)  # raises ValueError with the bad value
+        return ",".join(cidrs)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.lease_renew_ms >= self.lease_timeout_ms:
+            raise ValueError("LEASE_RENEW_MS must be smaller than LEASE_TIMEOUT_MS")
+        if self.suspicious_threshold >= self.malicious_threshold:
+            raise ValueError("SUSPICIOUS_THRESHOLD must be below MALICIOUS_THRESHOLD")
+        return self
+
+    @cached_property
+    def redis_dsn(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        auth = f":{self.redis_password}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+
+    @cached_property
+    def fetch_timeout_s(self) -> float:
+        """The fetcher's own deadline: shorter than the container's so a slow target still
+        produces a report instead of a kill."""
+        if self.fetch_timeout_ms:
+            return self.fetch_timeout_ms / 1000
+        return max(0.5, self.container_timeout_ms / 1000 * 0.7 - 1)
+
+    def fetcher_env(self) -> dict[str, str]:
+        """The only environment a fetcher container gets: limits, never credentials."""
+        return {
+            "FETCH_ALLOWED_PORTS": self.fetch_allowed_ports,
+            "FETCH_ALLOW_CIDRS": self.fetch_allow_cidrs,
+            "FETCH_MAX_REDIRECTS": str(self.fetch_max_redirects),
+            "FETCH_MAX_BYTES": str(self.fetch_max_bytes),
+            "FETCH_TIMEOUT_S": f"{self.fetch_timeout_s:.3f}",
+        }
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment, turning validation errors into one clear message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]).upper() or "configuration"
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            problems.append(f"{name}: {err['msg']}{shown}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,198 @@
+"""The container runner: one ephemeral, locked-down fetcher container per scan.
+
+create -> start -> wait (under the timeout; SIGKILL on expiry) -> read capped stdout -> delete.
+The container is deleted in every case (finally), including cancellation. Only the validated
+report crosses back; the page's bytes never leave the container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import time
+import uuid
+from typing import Any, Protocol
+
+import aiodocker
+import aiohttp
+import orjson
+from pydantic import ValidationError
+
+from .config import Settings
+from .models import Report
+
+LABEL_JOB = "safeurl.job_id"
+LABEL_WORKER = "safeurl.worker_id"
+_API_TIMEOUT = 30.0  # per Docker API call, so a hung daemon cannot hold a job forever
+
+
+class RunStatus(enum.StrEnum):
+    OK = "ok"
+    TIMEOUT = "timeout"
+    CRASHED = "crashed"  # non-zero exit, OOM kill
+    OUTPUT_INVALID = "output_invalid"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    status: RunStatus
+    report: Report | None = None
+    exit_code: int | None = None
+    detail: str = ""
+    seconds: float = 0.0
+
+
+class ContainerRunner(Protocol):
+    """What the worker needs from a runner (the benchmark swaps in an in-process stub)."""
+
+    async def run(self, job_id: uuid.UUID, url: str) -> RunResult: ...
+
+    async def ping(self) -> bool: ...
+
+    async def remove_labelled(self, job_id: uuid.UUID | None = None,
+                              older_than_s: float | None = None) -> int: ...
+
+
+class DockerUnavailable(Exception):
+    """The Docker daemon could not be reached: not the job's fault, so it is not failed."""
+
+
+def container_config(settings: Settings, job_id: uuid.UUID, url: str) -> dict[str, Any]:
+    """The sandbox. Each setting is explained in docs/sandbox.md."""
+    mem = settings.container_memory_limit_mb * 1024 * 1024
+    env = [f"{k}={v}" for k, v in settings.fetcher_env().items()]  # limits only, no secrets
+    return {
+        "Image": settings.fetcher_image,
+        "Cmd": [url],
+        "Env": env,
+        "User": "65534:65534",
+        "Labels": {LABEL_JOB: str(job_id), LABEL_WORKER: settings.worker_id},
+        "NetworkDisabled": settings.fetcher_network == "none",
+        "AttachStdout": False, "AttachStderr": False, "Tty": False, "OpenStdin": False,
+        "HostConfig": {
+            "NetworkMode": settings.fetcher_network,
+            "Memory": mem,
+            "MemorySwap": mem,  # equal to Memory: no swap
+            "NanoCpus": int(settings.container_cpu_limit * 1e9),
+            "PidsLimit": settings.container_pids_limit,
+            "ReadonlyRootfs": True,
+            "Tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={settings.container_tmpfs_mb}m"},
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"],
+            "Init": True,  # a Python PID 1 ignores SIGTERM; docker-init forwards it
+            "Privileged": False,
+            "Binds": [], "Mounts": [],
+            "IpcMode": "private",
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "4m", "max-file": "1"}},
+        },
+    }
+
+
+class Runner:
+    def __init__(self, settings: Settings, docker: aiodocker.Docker) -> None:
+        self.settings = settings
+        self.docker = docker
+
+    async def ping(self) -> bool:
+        try:
+            await asyncio.wait_for(self.docker.version(), 5)
+            return True
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    async def run(self, job_id: uuid.UUID, url: str) -> RunResult:
+        started = time.monotonic()
+        try:
+            container = await asyncio.wait_for(self.docker.containers.create(
+                config=container_config(self.settings, job_id, url),
+                name=f"safeurl-{job_id}-{uuid.uuid4().hex[:8]}"), _API_TIMEOUT)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise DockerUnavailable(str(exc)) from exc
+        except aiodocker.DockerError as exc:
+            # A missing image or a daemon error is the deployment's problem, not the job's.
+            raise DockerUnavailable(f"{exc.status}: {exc.message}") from exc
+        try:
+            result = await self._run_started(container)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise DockerUnavailable(str(exc)) from exc
+        except aiodocker.DockerError as exc:
+            if exc.status < 500:
+                raise
+            raise DockerUnavailable(f"{exc.status}: {exc.message}") from exc
+        finally:
+            await self._remove(container)
+        return dataclasses.replace(result, seconds=time.monotonic() - started)
+
+    async def _run_started(self, container: Any) -> RunResult:
+        await asyncio.wait_for(container.start(), _API_TIMEOUT)
+        timeout = self.settings.container_timeout_ms / 1000
+        try:
+            status = await asyncio.wait_for(container.wait(), timeout)
+        except TimeoutError:
+            await self._kill(container)
+            return RunResult(RunStatus.TIMEOUT, detail=f"no exit after {timeout:g}s")
+        code = int(status.get("StatusCode", -1))
+        if code != 0:
+            oom = code == 137
+            return RunResult(RunStatus.CRASHED, exit_code=code,
+                             detail="killed (out of memory?)" if oom else f"exit code {code}")
+        raw = await self._stdout(container)
+        return parse_report(raw, self.settings.container_output_max_bytes)
+
+    async def _stdout(self, container: Any) -> bytes:
+        """Read stdout, stopping one byte past the cap (the rest is never read)."""
+        cap = self.settings.container_output_max_bytes
+        buf = bytearray()
+        async for chunk in container.log(stdout=True, follow=True):
+            buf += chunk.encode()
+            if len(buf) > cap:
+                break
+        return bytes(buf)
+
+    async def _kill(self, container: Any) -> None:
+        # Already gone is fine: delete(force=True) in run() settles it either way.
+        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError,
+                                 TimeoutError):
+            await asyncio.wait_for(container.kill(), _API_TIMEOUT)
+
+    async def _remove(self, container: Any) -> None:
+        # Shielded: a cancelled job must still remove its container. A failure here leaves a
+        # labelled container that the janitor removes.
+        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError,
+                                 TimeoutError, asyncio.CancelledError):
+            await asyncio.shield(asyncio.wait_for(container.delete(force=True), _API_TIMEOUT))
+
+    async def remove_labelled(self, job_id: uuid.UUID | None = None,
+                              older_than_s: float | None = None) -> int:
+        """Remove containers this service created (for one job, or older than a bound)."""
+        label = f"{LABEL_JOB}={job_id}" if job_id else LABEL_JOB
+        found = await self.docker.containers.list(all=True,
+                                                  filters=orjson.dumps({"label": [label]}).decode())
+        now = time.time()
+        removed = 0
+        for c in found:
+            if older_than_s is not None and now - float(c["Created"]) < older_than_s:
+                continue
+            await self._remove(c)
+            removed += 1
+        return removed
+
+
+def parse_report(raw: bytes, cap: int) -> RunResult:
+    """Validate the container's stdout as exactly one Report."""
+    if len(raw) > cap:
+        return RunResult(RunStatus.OUTPUT_INVALID, detail=f"stdout over {cap} bytes")
+    text = raw.strip()
+    if not text:
+        return RunResult(RunStatus.OUTPUT_INVALID, detail="empty stdout")
+    try:
+        report = Report.model_validate(orjson.loads(text))
+    except orjson.JSONDecodeError as exc:
+        return RunResult(RunStatus.OUTPUT_INVALID, detail=f"not JSON: {exc}"[:300])
+    except ValidationError as exc:
+        return RunResult(RunStatus.OUTPUT_INVALID,
+                         detail=f"report invalid: {exc.error_count()} errors: "
+                                f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}"[:300])
+    return RunResult(RunStatus.OK, report=report, exit_code=0)

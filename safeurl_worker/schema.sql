@@ -1,0 +1,62 @@
+-- SafeURL schema. Applied by `safeurl-worker migrate`: idempotent, and safe where the API service
+-- already created these tables (every statement is IF NOT EXISTS or guarded).
+
+CREATE TABLE IF NOT EXISTS scan_jobs (
+    id            uuid PRIMARY KEY,
+    url           text NOT NULL,
+    state         text NOT NULL DEFAULT 'QUEUED',
+    version       integer NOT NULL DEFAULT 0,
+    attempts      integer NOT NULL DEFAULT 0,
+    worker_id     text,
+    error_code    text,
+    error_message text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    started_at    timestamptz,
+    finished_at   timestamptz
+);
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'scan_jobs_state_check') THEN
+        ALTER TABLE scan_jobs ADD CONSTRAINT scan_jobs_state_check CHECK (state IN
+            ('QUEUED', 'FETCHING', 'ANALYZING', 'COMPLETED', 'FAILED', 'TIMED_OUT'));
+    END IF;
+END $$;
+
+CREATE TABLE IF NOT EXISTS scan_results (
+    job_id           uuid PRIMARY KEY REFERENCES scan_jobs(id),
+    verdict          text NOT NULL CHECK (verdict IN ('safe', 'suspicious', 'malicious', 'unknown')),
+    score            integer NOT NULL CHECK (score BETWEEN 0 AND 100),
+    http_status      integer,
+    final_url        text,
+    redirects        jsonb,
+    content_type     text,
+    sha256           text,
+    title            text,
+    signals          jsonb,
+    report           jsonb,
+    analyzer_version text,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+-- Our own additions, guarded so an API-created table gains them too.
+ALTER TABLE scan_results ADD COLUMN IF NOT EXISTS url_key text;          -- normalized URL
+ALTER TABLE scan_results ADD COLUMN IF NOT EXISTS cached_from uuid;      -- result reused from
+
+CREATE TABLE IF NOT EXISTS scan_audit_log (
+    id         bigserial PRIMARY KEY,
+    job_id     uuid NOT NULL,
+    from_state text,
+    to_state   text NOT NULL,
+    version    integer NOT NULL,
+    worker_id  text,
+    at         timestamptz NOT NULL DEFAULT now(),
+    detail     jsonb
+);
+
+CREATE INDEX IF NOT EXISTS scan_audit_log_job_idx ON scan_audit_log (job_id, version);
+-- The janitor and `status` look at unfinished jobs by age; keep that index small.
+CREATE INDEX IF NOT EXISTS scan_jobs_active_idx ON scan_jobs (state, updated_at)
+    WHERE state IN ('QUEUED', 'FETCHING', 'ANALYZING');
+CREATE INDEX IF NOT EXISTS scan_jobs_finished_idx ON scan_jobs (finished_at);
+CREATE INDEX IF NOT EXISTS scan_results_url_key_idx ON scan_results (url_key, created_at);

@@ -1,0 +1,162 @@
+"""The state store: PostgreSQL rows for jobs, results and the audit log.
+
+Every state change is ONE statement: a versioned UPDATE (`WHERE id AND version AND state`) with its
+audit INSERT in a data-modifying CTE, so the change and its audit row commit together in one round
+trip. Zero rows back means another worker moved the job first: a conflict, reported as `None`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import orjson
+
+from .models import Analysis, Job, Report, State
+
+_JOB_COLUMNS = "id, url, state, version, attempts, worker_id, error_code, created_at"
+_MIGRATION_LOCK = 0x5AFE0001  # advisory lock id: concurrent `migrate` runs take turns
+
+_TRANSITION = f"""
+WITH u AS (
+    UPDATE scan_jobs SET
+        state = $4, version = version + 1, updated_at = now(), worker_id = $5,
+        attempts = attempts + $6,
+        error_code = $7, error_message = $8,
+        started_at = CASE WHEN $4 = 'FETCHING' THEN now() ELSE started_at END,
+        finished_at = CASE WHEN $4 IN ('COMPLETED', 'FAILED', 'TIMED_OUT') THEN now() END
+    WHERE id = $1 AND version = $2 AND state = $3
+    RETURNING {_JOB_COLUMNS}
+), a AS (
+    INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id, detail)
+    SELECT id, $3, state, version, $5, $9::jsonb FROM u
+)
+SELECT {_JOB_COLUMNS} FROM u
+"""
+
+_COMPLETE = """
+WITH u AS (
+    UPDATE scan_jobs SET
+        state = 'COMPLETED', version = version + 1, updated_at = now(), finished_at = now(),
+        worker_id = $3, error_code = NULL, error_message = NULL
+    WHERE id = $1 AND version = $2 AND state = 'ANALYZING'
+    RETURNING id, version
+), r AS (
+    INSERT INTO scan_results (job_id, verdict, score, http_status, final_url, redirects,
+        content_type, sha256, title, signals, report, analyzer_version, url_key, cached_from)
+    SELECT id, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12::jsonb, $13::jsonb, $14, $15, $16
+    FROM u
+), a AS (
+    INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id, detail)
+    SELECT id, 'ANALYZING', 'COMPLETED', version, $3, $17::jsonb FROM u
+)
+SELECT version FROM u
+"""
+
+_INSERT_JOB = """
+WITH j AS (INSERT INTO scan_jobs (id, url) VALUES ($1, $2) RETURNING id)
+SELECT id FROM j
+"""
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb in and out as Python objects, encoded with orjson (fast, and strict about types).
+    await conn.set_type_codec("jsonb", schema="pg_catalog", format="text",
+                              encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads)
+
+
+async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, init=_init_connection,
+                                     command_timeout=30)
+    assert pool is not None
+    return pool
+
+
+def _job(row: asyncpg.Record | None) -> Job | None:
+    # Rows come from our own schema (the CHECK constraint guards `state`): no re-validation on
+    # the hot path, just the enum conversion.
+    if row is None:
+        return None
+    fields = dict(row)
+    fields["state"] = State(fields["state"])
+    return Job.model_construct(**fields)
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def migrate(self) -> None:
+        sql = resources.files("safeurl_worker").joinpath("schema.sql").read_text()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(sql)
+
+    async def insert_job(self, url: str, job_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Insert a QUEUED job, as the API service does."""
+        jid = job_id or uuid.uuid4()
+        await self.pool.execute(_INSERT_JOB, jid, url)
+        return jid
+
+    async def get_job(self, job_id: uuid.UUID) -> Job | None:
+        row = await self.pool.fetchrow(f"SELECT {_JOB_COLUMNS} FROM scan_jobs WHERE id = $1",
+                                       job_id)
+        return _job(row)
+
+    async def transition(
+        self,
+        job: Job,
+        to: State,
+        *,
+        worker_id: str,
+        detail: Mapping[str, Any] | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        add_attempt: bool = False,
+    ) -> Job | None:
+        """Move `job` (as last seen) to state `to`. Returns the new row, or None on conflict."""
+        row = await self.pool.fetchrow(
+            _TRANSITION, job.id, job.version, job.state.value, to.value, worker_id,
+            1 if add_attempt else 0, error_code, error_message, dict(detail or {}),
+        )
+        return _job(row)
+
+    async def complete(self, job: Job, *, worker_id: str, report: Report, analysis: Analysis,
+                       url_key: str | None, cached_from: uuid.UUID | None = None,
+                       detail: Mapping[str, Any] | None = None) -> int | None:
+        """ANALYZING -> COMPLETED with its result row and audit row, in one statement.
+        Returns the new version, or None on conflict."""
+        version: int | None = await self.pool.fetchval(
+            _COMPLETE, job.id, job.version, worker_id,
+            analysis.verdict.value, analysis.score, report.http_status, report.final_url,
+            [h.model_dump() for h in report.redirects], report.content_type, report.sha256,
+            report.title, analysis.signals_json(), report.model_dump(mode="json"),
+            analysis.analyzer_version, url_key, cached_from,
+            {"verdict": analysis.verdict.value, "score": analysis.score, **(detail or {})},
+        )
+        return version
+
+    async def audit_op(self, job_id: uuid.UUID, version: int) -> str | None:
+        """The write token recorded in the audit row that made `version`."""
+        op: str | None = await self.pool.fetchval(
+            "SELECT detail->>'op' FROM scan_audit_log WHERE job_id = $1 AND version = $2",
+            job_id, version)
+        return op
+
+    async def job_view(self, job_id: uuid.UUID) -> dict[str, Any] | None:
+        """A job with its result and audit trail, for `status JOB_ID` and `submit --wait`."""
+        job = await self.pool.fetchrow("SELECT * FROM scan_jobs WHERE id = $1", job_id)
+        if job is None:
+            return None
+        result = await self.pool.fetchrow(
+            "SELECT verdict, score, http_status, final_url, redirects, content_type, sha256, "
+            "title, signals, analyzer_version, cached_from, created_at "
+            "FROM scan_results WHERE job_id = $1", job_id)
+        audit = await self.pool.fetch(
+            "SELECT from_state, to_state, version, worker_id, at, detail FROM scan_audit_log "
+            "WHERE job_id = $1 ORDER BY version, id", job_id)
+        return {"job": dict(job), "result": dict(result) if result else None,
+                "audit": [dict(a) for a in audit]}

@@ -1,0 +1,82 @@
+"""Small helpers shared by the integration tests: submit like the API, wait, inspect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as redis
+
+from safeurl_worker.config import Settings
+from safeurl_worker.store import Store
+
+TERMINAL = {"COMPLETED", "FAILED", "TIMED_OUT"}
+
+
+async def submit(store: Store, rds: redis.Redis, settings: Settings, url: str) -> uuid.UUID:
+    """What the API service does: insert the QUEUED row, then XADD its id."""
+    job_id = await store.insert_job(url)
+    await rds.xadd(settings.scan_stream, {"job_id": str(job_id)})
+    return job_id
+
+
+async def wait_terminal(store: Store, job_id: uuid.UUID, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = await store.pool.fetchrow("SELECT * FROM scan_jobs WHERE id = $1", job_id)
+        if row is not None and row["state"] in TERMINAL:
+            return dict(row)
+        await asyncio.sleep(0.05)
+    row = await store.pool.fetchrow("SELECT * FROM scan_jobs WHERE id = $1", job_id)
+    raise AssertionError(f"job {job_id} not terminal after {timeout}s: {row and dict(row)}")
+
+
+async def wait_all_terminal(store: Store, ids: list[uuid.UUID], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = await store.pool.fetchval(
+            "SELECT count(*) FROM scan_jobs WHERE id = ANY($1::uuid[]) AND state = ANY($2)",
+            ids, list(TERMINAL))
+        if n == len(ids):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"only {n} of {len(ids)} jobs terminal after {timeout}s")
+
+
+async def audit(store: Store, job_id: uuid.UUID) -> list[tuple[str | None, str, int]]:
+    rows = await store.pool.fetch(
+        "SELECT from_state, to_state, version FROM scan_audit_log WHERE job_id = $1 "
+        "ORDER BY id", job_id)
+    return [(r["from_state"], r["to_state"], r["version"]) for r in rows]
+
+
+async def pending(rds: redis.Redis, settings: Settings) -> int:
+    info = await rds.xpending(settings.scan_stream, settings.scan_group)
+    return int(info["pending"])
+
+
+def labelled_containers(job_id: uuid.UUID | None = None) -> list[str]:
+    label = f"safeurl.job_id={job_id}" if job_id else "safeurl.job_id"
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.split()
+
+
+def metric(worker_metrics_text: bytes, name: str, labels: dict[str, str] | None = None) -> float:
+    """Read one sample from Prometheus text output."""
+    want = name
+    if labels:
+        want += "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in worker_metrics_text.decode().splitlines():
+        if line.startswith(want + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def report_of(row: dict[str, Any]) -> dict[str, Any]:
+    rep = row["report"]
+    return json.loads(rep) if isinstance(rep, str) else dict(rep)

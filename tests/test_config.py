@@ -1,0 +1,79 @@
+"""Configuration: contract defaults, and one clear error naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from safeurl_worker.config import ConfigError, load_settings
+
+
+def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_URL", "DATABASE_URL", "WORKER_ID", "WORKER_CONCURRENCY"):
+        monkeypatch.delenv(name, raising=False)
+    s = load_settings()
+    assert (s.redis_host, s.redis_port, s.redis_password) == ("localhost", 6379, "")
+    assert s.redis_dsn == "redis://localhost:6379/0"
+    assert s.database_url == "postgresql://localhost/safeurl"
+    assert s.docker_socket_path == "/var/run/docker.sock"
+    assert s.fetcher_image == "safeurl-fetcher:latest"
+    assert s.worker_concurrency == 5
+    assert s.container_timeout_ms == 30000
+    assert s.container_memory_limit_mb == 512
+    assert s.container_cpu_limit == 0.5
+    assert s.metrics_port == 9400
+    assert (s.scan_stream, s.scan_group) == ("scan-jobs", "scan-workers")
+    assert s.dead_letter_stream == "scan-jobs:dead"
+    assert (s.lease_renew_ms, s.lease_timeout_ms, s.max_deliveries, s.max_attempts) == (
+        5000, 15000, 5, 3)
+    host, _, pid = s.worker_id.rpartition("-")
+    assert host and pid.isdigit()
+
+
+def test_redis_url_wins_and_password_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_HOST", "r1")
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    assert load_settings().redis_dsn == "redis://:s3cret@r1:6379/0"
+    monkeypatch.setenv("REDIS_URL", "redis://other:6380/2")
+    assert load_settings().redis_dsn == "redis://other:6380/2"
+
+
+@pytest.mark.parametrize("name,value", [
+    ("WORKER_CONCURRENCY", "abc"),
+    ("WORKER_CONCURRENCY", "0"),
+    ("REDIS_PORT", "70000"),
+    ("CONTAINER_CPU_LIMIT", "-1"),
+    ("CONTAINER_TIMEOUT_MS", "10"),
+    ("DATABASE_URL", "mysql://x/y"),
+    ("REDIS_URL", "http://x"),
+    ("FETCH_ALLOWED_PORTS", "80,http"),
+    ("FETCH_ALLOW_CIDRS", "10.0.0.0/33"),
+    ("LOG_FORMAT", "xml"),
+    ("LOG_LEVEL", "loud"),
+])
+def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str,
+                                          value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert name in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_inconsistent_lease_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEASE_RENEW_MS", "20000")
+    with pytest.raises(ConfigError, match="LEASE_RENEW_MS"):
+        load_settings()
+
+
+def test_fetcher_env_carries_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:pw@db/safeurl")
+    env = load_settings().fetcher_env()
+    assert set(env) == {"FETCH_ALLOWED_PORTS", "FETCH_ALLOW_CIDRS", "FETCH_MAX_REDIRECTS",
+                        "FETCH_MAX_BYTES", "FETCH_TIMEOUT_S"}
+    assert not any("s3cret" in v or "pw@" in v for v in env.values())
+
+
+def test_fetch_deadline_is_inside_the_container_timeout() -> None:
+    s = load_settings(container_timeout_ms=30000)
+    assert 0 < s.fetch_timeout_s < 30
