@@ -6,7 +6,7 @@ Where things happen (the one-minute tour):
   * a container runs ............. `Worker._scan` -> `Runner.run`
   * a state transition is written  `Worker._move` -> `Store.transition` / `Store.complete`
   * the message is acked ......... `Worker._finish` (only after a terminal write committed)
-  * leases / takeover ............ `Worker._lease_loop`, `Worker._reclaim_loop`
+  * leases / takeover ............ `Worker._lease_loop`, `Worker._read_loop` (reclaim first)
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Worker:
         own = await self._retry("redis", self.consumer.read_own_pending)
         for d in own:  # our previous life's messages come first
             self._start(d)
-        loops = [asyncio.create_task(self._lease_loop()), asyncio.create_task(self._reclaim_loop())]
+        loops = [asyncio.create_task(self._lease_loop())]
         if self.janitor:
             loops.append(asyncio.create_task(self.janitor.loop()))
         self.taking_jobs = True
@@ -179,21 +179,30 @@ class Worker:
             self._slots.release()
 
     async def _read_loop(self) -> None:
+        """Fill free slots: first with entries whose owner stopped renewing them (so a dead
+        replica's jobs never wait behind a backlog), then with new entries."""
         errors = 0
+        next_reclaim = 0.0
+        reclaim_every = min(1.0, self.settings.lease_timeout_ms / 4000)
         while not self._stopping.is_set():
             await self._docker_ready.wait()  # no Docker, no new work (nothing is failed)
             n = await self._take_slots(wait=True)
+            got: list[Delivery] = []
             try:
-                got = await self._until_stopped(
-                    self.consumer.read(n, self.settings.read_block_ms))
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + reclaim_every
+                    got = await self.consumer.reclaim(self.settings.lease_timeout_ms, n)
+                    for d in got:
+                        log.info("reclaimed message", extra={"message_id": d.message_id,
+                                                             "deliveries": d.deliveries})
+                if len(got) < n:
+                    got += await self._until_stopped(
+                        self.consumer.read(n - len(got), self.settings.read_block_ms)) or []
                 errors = 0
             except TRANSIENT as exc:
-                self._give_back(n)
                 errors += 1
                 self._transient("redis", exc)
                 await self._sleep(backoff(errors))
-                continue
-            got = got or []
             self._give_back(n - len(got))
             for d in got:
                 self._start(d, holds_slot=True)
@@ -468,27 +477,6 @@ class Worker:
                     log.warning("lease lost; abandoning job",
                                 extra={"job_id": str(f.job_id), "message_id": mid})
                     f.task.cancel()
-
-    async def _reclaim_loop(self) -> None:
-        """Take over messages whose owner stopped renewing them."""
-        interval = min(1.0, self.settings.lease_timeout_ms / 4000)
-        while not self._stopping.is_set():
-            await asyncio.sleep(interval)
-            if not self._docker_ready.is_set():
-                continue
-            n = await self._take_slots(wait=False)
-            if not n:
-                continue
-            try:
-                got = await self.consumer.reclaim(self.settings.lease_timeout_ms, n)
-            except TRANSIENT as exc:
-                self._transient("redis", exc)
-                got = []
-            self._give_back(n - len(got))
-            for d in got:
-                log.info("reclaimed message", extra={"message_id": d.message_id,
-                                                     "deliveries": d.deliveries})
-                self._start(d, holds_slot=True)
 
     # --- helpers ----------------------------------------------------------------------------
 

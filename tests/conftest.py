@@ -19,6 +19,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as redis
+import redis.exceptions as redis_exc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from safeurl_worker.cli import wired_worker
 from safeurl_worker.config import Settings
@@ -158,7 +161,10 @@ async def store(database: str) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def rds() -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
+    # The test plays the API service: like a real one, it rides out a Redis restart.
+    client = redis.Redis.from_url(
+        REDIS_URL, retry=Retry(ExponentialBackoff(cap=1.0), 30),
+        retry_on_error=[redis_exc.ConnectionError, redis_exc.TimeoutError])
     yield client
     await client.aclose()
 

@@ -49,6 +49,9 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path in ("/", "/about"):
             self._send(200, BENIGN)
+        elif path == "/slow":  # a slow but healthy page
+            time.sleep(2)
+            self._send(200, BENIGN)
         elif path == "/hang":  # accept, then never answer
             time.sleep(600)
         elif path == "/drip":  # headers at once, then a byte a second
