@@ -115,7 +115,8 @@ class BenchEnv:
         return {**os.environ, "DATABASE_URL": self.dsn, "REDIS_URL": self.redis_url,
                 "SCAN_STREAM": self.stream, "DEAD_LETTER_STREAM": f"{self.stream}:dead",
                 "WORKER_ID": worker_id, "WORKER_CONCURRENCY": str(concurrency),
-                "METRICS_PORT": "0", "LOG_LEVEL": "WARNING", "READ_BATCH": str(concurrency),
+                "METRICS_PORT": "0", "LOG_LEVEL": "INFO", "READ_BATCH": str(concurrency),
+                "RESULT_CACHE_TTL_S": "0",  # every job takes the full path
                 **extra}
 
 
@@ -125,8 +126,10 @@ def start_worker(env: BenchEnv, worker_id: str, concurrency: int, delay_s: float
     if profile:
         cmd = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(profile),
                "-m", "bench.ours", "worker", "--delay", str(delay_s)]
+    log = open(f"/tmp/{env.stream}-{worker_id}.log", "wb")  # noqa: SIM115 - lives with proc
     return subprocess.Popen(cmd, env=env.worker_env(worker_id, concurrency, **extra),
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parent.parent, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
 async def wait_consumers(r: redis.Redis, env: BenchEnv, n: int, timeout: float = 30) -> None:

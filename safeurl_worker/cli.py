@@ -76,8 +76,9 @@ def setup_logging(settings: Settings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _store(settings: Settings, size: int = 2) -> AsyncIterator[Store]:
-    pool = await create_pool(settings.database_url, size)
+async def _store(settings: Settings, size: int = 2, warm: bool = False) -> AsyncIterator[Store]:
+    # warm: open every connection now rather than on the first busy second.
+    pool = await create_pool(settings.database_url, size, min_size=size if warm else 1)
     try:
         yield Store(pool)
     finally:
@@ -105,11 +106,12 @@ async def wired_worker(settings: Settings,
     `runner` replaces the Docker runner (the benchmark's in-process stub)."""
     metrics = Metrics()
     # One connection per concurrent job plus the loops: no job ever waits for a connection.
-    async with _store(settings, settings.worker_concurrency + 3) as store:
+    async with _store(settings, settings.worker_concurrency + 3, warm=True) as store:
         consumer = _consumer(settings)
         docker = aiodocker.Docker(url=f"unix://{settings.docker_socket_path}")
         runner = runner or Runner(settings, docker)
         blocklist = analysis.Blocklist(settings.blocklist_path or None)
+        analysis.registrable_domain("example.com")  # load the public suffix list now, once
         janitor = Janitor(settings, store, consumer, runner, metrics)
         worker = Worker(settings, store, consumer, runner, metrics, blocklist, janitor)
         health = HealthServer(metrics, _probes(store, consumer, runner, worker),

@@ -37,6 +37,29 @@ WITH u AS (
 SELECT {_JOB_COLUMNS} FROM u
 """
 
+# Read the job and, if it is QUEUED, claim it: one round trip for the hot path. The UPDATE is
+# still versioned on the version this statement read; a concurrent claim makes it match no row
+# (PostgreSQL re-checks the WHERE clause on the newest row version). URLs that are plainly not
+# http(s) or too long are not claimed, so the worker fails them straight from QUEUED
+# (worker.url_problem stays the authority on validity).
+_LOAD_AND_CLAIM = f"""
+WITH cur AS (
+    SELECT {_JOB_COLUMNS} FROM scan_jobs WHERE id = $1
+), u AS (
+    UPDATE scan_jobs j SET
+        state = 'FETCHING', version = j.version + 1, updated_at = now(), worker_id = $2,
+        attempts = j.attempts + 1, error_code = NULL, error_message = NULL,
+        started_at = now(), finished_at = NULL
+    FROM cur WHERE j.id = cur.id AND j.version = cur.version AND j.state = 'QUEUED'
+        AND length(cur.url) <= 2048 AND cur.url ~* '^https?://[^/?#[:space:]]'
+    RETURNING j.id, j.version
+), a AS (
+    INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id, detail)
+    SELECT id, 'QUEUED', 'FETCHING', version, $2, $3::jsonb FROM u
+)
+SELECT cur.*, u.version AS claimed_version FROM cur LEFT JOIN u ON u.id = cur.id
+"""
+
 _COMPLETE = """
 WITH u AS (
     UPDATE scan_jobs SET
@@ -74,19 +97,21 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     LISTEN, no cursors; the migration lock is transaction-scoped), so there is nothing to reset."""
 
 
-async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, init=_init_connection,
-                                     reset=_keep_session, command_timeout=30)
+async def create_pool(dsn: str, size: int, min_size: int = 1) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min(min_size, size), max_size=size,
+                                     init=_init_connection, reset=_keep_session,
+                                     command_timeout=30)
     assert pool is not None
     return pool
 
 
 def _job(row: asyncpg.Record | None) -> Job | None:
+    return None if row is None else _job_of(dict(row))
+
+
+def _job_of(fields: dict[str, Any]) -> Job:
     # Rows come from our own schema (the CHECK constraint guards `state`): no re-validation on
     # the hot path, just the enum conversion.
-    if row is None:
-        return None
-    fields = dict(row)
     fields["state"] = State(fields["state"])
     return Job.model_construct(**fields)
 
@@ -111,6 +136,21 @@ class Store:
         row = await self.pool.fetchrow(f"SELECT {_JOB_COLUMNS} FROM scan_jobs WHERE id = $1",
                                        job_id)
         return _job(row)
+
+    async def load_and_claim(self, job_id: uuid.UUID, *, worker_id: str,
+                             detail: Mapping[str, Any]) -> tuple[Job | None, bool]:
+        """(job, claimed): the job as it now is (None if no such row), and whether this call
+        moved it QUEUED -> FETCHING."""
+        row = await self.pool.fetchrow(_LOAD_AND_CLAIM, job_id, worker_id, dict(detail))
+        if row is None:
+            return None, False
+        fields = dict(row)
+        claimed = fields.pop("claimed_version")
+        if claimed is None:
+            return _job_of(fields), False
+        fields.update(state=State.FETCHING, version=claimed, worker_id=worker_id,
+                      attempts=fields["attempts"] + 1, error_code=None)
+        return _job_of(fields), True
 
     async def transition(
         self,
@@ -144,6 +184,16 @@ class Store:
             {"verdict": analysis.verdict.value, "score": analysis.score, **(detail or {})},
         )
         return version
+
+    async def cached_result(self, url_key: str, ttl_s: int) -> asyncpg.Record | None:
+        """The newest original (not itself cached) result for this normalized URL within the
+        TTL. `unknown` verdicts are not reused: the target may be back."""
+        row: asyncpg.Record | None = await self.pool.fetchrow(
+            "SELECT job_id, verdict, score, signals, report, analyzer_version FROM scan_results "
+            "WHERE url_key = $1 AND created_at > now() - make_interval(secs => $2) "
+            "AND cached_from IS NULL AND verdict <> 'unknown' "
+            "ORDER BY created_at DESC LIMIT 1", url_key, float(ttl_s))
+        return row
 
     async def audit_op(self, job_id: uuid.UUID, version: int) -> str | None:
         """The write token recorded in the audit row that made `version`."""

@@ -2,7 +2,7 @@
 
 Where things happen (the one-minute tour):
   * a message is read ............ `Worker._read_loop` -> `Consumer.read`
-  * a job is claimed ............. `Worker._claim` (QUEUED -> FETCHING, versioned)
+  * a job is claimed ............. `Worker._load` -> `Store.load_and_claim` (versioned)
   * a container runs ............. `Worker._scan` -> `Runner.run`
   * a state transition is written  `Worker._move` -> `Store.transition` / `Store.complete`
   * the message is acked ......... `Worker._finish` (only after a terminal write committed)
@@ -274,68 +274,81 @@ class Worker:
 
     async def _process_job(self, f: InFlight, job_id: uuid.UUID) -> None:
         d = f.delivery
-        job = await self._load(job_id)
+        if d.deliveries > self.settings.max_deliveries:
+            job, claimed = await self._load(job_id, claim=False)  # poison: never claim it
+        else:
+            job, claimed = await self._load(job_id, claim=True)
         if job is None:
             await self._dead_letter(f, "UNKNOWN_JOB", None)
-            return
-        if d.deliveries > self.settings.max_deliveries and not job.state.terminal:
-            await self._dead_letter(f, "MAX_DELIVERIES", job)
-            return
-        if job.state.terminal:
+        elif job.state.terminal:
             self.metrics.duplicates.inc()
             await self._ack(f)
-            return
+        elif d.deliveries > self.settings.max_deliveries:
+            await self._dead_letter(f, "MAX_DELIVERIES", job)
+        elif claimed or job.state is State.QUEUED:
+            await self._own(f, job)
+        elif d.reclaimed:
+            await self._own(f, job, take_over=True)
+        else:
+            # A second message for a job another worker is running right now: not ours.
+            self.metrics.duplicates.inc()
+            await self._retry("redis", lambda: self.consumer.ack_if_owner(d.message_id))
+            f.acked = True
+
+    async def _load(self, job_id: uuid.UUID, claim: bool) -> tuple[Job | None, bool]:
+        """Read the job and (claim=True) claim it if QUEUED, in one statement. The API may
+        XADD before its INSERT commits: an unknown id is retried a few times."""
+        for attempt in range(self.settings.unknown_job_retries + 1):
+            if claim:
+                job, claimed = await self._retry("postgres", lambda: self.store.load_and_claim(
+                    job_id, worker_id=self.worker_id, detail={}))
+            else:
+                job, claimed = await self._retry("postgres",
+                                                 lambda: self.store.get_job(job_id)), False
+            if job is not None:
+                return job, claimed
+            if attempt < self.settings.unknown_job_retries:
+                await self._sleep(self.settings.unknown_job_delay_ms / 1000 * (attempt + 1))
+        return None, False
+
+    async def _own(self, f: InFlight, job: Job, take_over: bool = False) -> None:
+        """Make the job ours (unless already claimed), refuse a bad URL, or scan it. Losing a
+        versioned write anywhere on the way means another worker owns the job: drop it."""
         try:
-            claimed = await self._claim(f, job)
-            if claimed is not None:
-                await self._scan(f, claimed)
+            problem = url_problem(job.url)
+            if problem:
+                await self._finish(f, job, State.FAILED, "INVALID_URL", problem)
+                return
+            if take_over:
+                job = await self._take_over(f, job)
+            elif job.state is State.QUEUED:  # not claimed by the load (URL failed the filter)
+                job = await self._move(job, State.FETCHING, add_attempt=True)
+            await self._scan(f, job)
         except Conflict:
             self.metrics.conflicts.inc()
             log.info("state conflict: another worker owns the job; dropping it",
                      extra={"job_id": str(job.id), "worker_id": self.worker_id})
-            await self._retry("redis", lambda: self.consumer.ack_if_owner(d.message_id))
+            await self._retry("redis", lambda: self.consumer.ack_if_owner(f.delivery.message_id))
             f.acked = True
 
-    async def _load(self, job_id: uuid.UUID) -> Job | None:
-        """Read the job row. The API may XADD before its INSERT commits: retry a few times."""
-        for attempt in range(self.settings.unknown_job_retries + 1):
-            job = await self._retry("postgres", lambda: self.store.get_job(job_id))
-            if job is not None:
-                return job
-            if attempt < self.settings.unknown_job_retries:
-                await self._sleep(self.settings.unknown_job_delay_ms / 1000 * (attempt + 1))
-        return None
-
-    async def _claim(self, f: InFlight, job: Job) -> Job | None:
-        """Take ownership of the job with a versioned write, or return None when there is
-        nothing for us to do (already finished, or invalid URL failed here)."""
-        if job.state is State.QUEUED:
-            problem = url_problem(job.url)
-            if problem:
-                await self._finish(f, job, State.FAILED, "INVALID_URL", problem)
-                return None
-            return await self._move(job, State.FETCHING, add_attempt=True)
-        if f.delivery.reclaimed:
-            # The owner's lease expired: it died or is partitioned. Take over; its next
-            # versioned write will fail and it will drop the job.
-            self.metrics.redeliveries.inc()
-            moved = await self._move(job, State.FETCHING, add_attempt=True,
-                                     detail={"reclaimed_from": job.worker_id,
-                                             "message_id": f.delivery.message_id})
-            # The old owner's container may still be running: it is ours to stop now.
-            with contextlib.suppress(Exception):
-                await self.runner.remove_labelled(job.id)
-            return moved
-        # A second message for a job another worker is running right now: not ours.
-        self.metrics.duplicates.inc()
-        await self._retry("redis", lambda: self.consumer.ack_if_owner(f.delivery.message_id))
-        f.acked = True
-        return None
+    async def _take_over(self, f: InFlight, job: Job) -> Job:
+        """The owner's lease expired: it died or is partitioned. Take the job over with a
+        versioned write; the old owner's next write will fail and it will drop the job."""
+        self.metrics.redeliveries.inc()
+        moved = await self._move(job, State.FETCHING, add_attempt=True,
+                                 detail={"reclaimed_from": job.worker_id,
+                                         "message_id": f.delivery.message_id})
+        # The old owner's container may still be running: it is ours to stop now.
+        with contextlib.suppress(Exception):
+            await self.runner.remove_labelled(job.id)
+        return moved
 
     async def _scan(self, f: InFlight, job: Job) -> None:
         if job.created_at is not None:
             self.metrics.stage.labels("queue_wait").observe(
                 max(0.0, time.time() - job.created_at.timestamp()))
+        if await self._reuse_cached(f, job):
+            return
         result = await self._run_container(job)
         self.metrics.container_runs.labels(result.status.value).inc()
         self.metrics.stage.labels("fetch").observe(result.seconds)
@@ -355,6 +368,28 @@ class Worker:
                                result.report.error.message)
         else:
             await self._analyze_and_complete(f, job, result.report)
+
+    async def _reuse_cached(self, f: InFlight, job: Job) -> bool:
+        """A recent result for the same normalized URL answers this scan without a container
+        (RESULT_CACHE_TTL_S; 0 disables). The result row says where it came from."""
+        key = _url_key(job.url)
+        if not self.settings.result_cache_ttl_s or key is None:
+            return False
+        hit = await self._retry("postgres", lambda: self.store.cached_result(
+            key, self.settings.result_cache_ttl_s))
+        if hit is None:
+            return False
+        try:
+            report = Report.model_validate(hit["report"])
+            cached = Analysis(verdict=hit["verdict"], score=hit["score"],
+                              signals=hit["signals"] or [],
+                              analyzer_version=hit["analyzer_version"] or "")
+        except ValidationError:
+            return False  # an old or foreign row: scan afresh
+        job = await self._move(job, State.ANALYZING, detail={"cached_from": str(hit["job_id"])})
+        self.metrics.cache_hits.inc()
+        await self._complete(f, job, report, cached, cached_from=hit["job_id"])
+        return True
 
     async def _run_container(self, job: Job) -> RunResult:
         """Run the fetcher; while Docker is unreachable, wait for it (the job is not failed,

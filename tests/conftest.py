@@ -138,6 +138,7 @@ def make_settings(database: str, request: pytest.FixtureRequest) -> Iterator[typ
             "container_timeout_ms": 15000, "metrics_port": 0, "worker_id": "w-test",
             "lease_renew_ms": 500, "lease_timeout_ms": 2000, "unknown_job_delay_ms": 50,
             "log_format": "text",
+            "result_cache_ttl_s": 0,  # tests exercise real scans unless they test the cache
         }
         base.update(overrides)
         return Settings(**base)  # type: ignore[arg-type]

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
@@ -15,6 +19,7 @@ from safeurl_worker.config import Settings
 from safeurl_worker.store import Store
 
 TERMINAL = {"COMPLETED", "FAILED", "TIMED_OUT"}
+CLI = str(Path(sys.executable).parent / "safeurl-worker")
 
 
 async def submit(store: Store, rds: redis.Redis, settings: Settings, url: str) -> uuid.UUID:
@@ -80,3 +85,57 @@ def metric(worker_metrics_text: bytes, name: str, labels: dict[str, str] | None 
 def report_of(row: dict[str, Any]) -> dict[str, Any]:
     rep = row["report"]
     return json.loads(rep) if isinstance(rep, str) else dict(rep)
+
+
+def env_of(settings: Settings, worker_id: str) -> dict[str, str]:
+    """The test's Settings as the environment of a worker process (every field, by name)."""
+    keep = {k: v for k, v in os.environ.items() if k.upper() not in Settings.model_fields}
+    mine = {name.upper(): str(value) for name, value in settings.model_dump().items()}
+    return {**keep, **mine, "WORKER_ID": worker_id, "JANITOR_INTERVAL_S": "2",
+            "METRICS_PORT": "0", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+
+
+class Fleet:
+    """Worker processes for one test; every one is gone when the test ends."""
+
+    def __init__(self, settings: Settings, logdir: Path) -> None:
+        self.settings = settings
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, worker_id: str) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{worker_id}.log", "ab")  # noqa: SIM115 - lives with the proc
+        p = subprocess.Popen([CLI, "run"], env=env_of(self.settings, worker_id), stdout=log,
+                             stderr=subprocess.STDOUT)
+        self.procs[worker_id] = p
+        return p
+
+    def alive(self) -> list[str]:
+        return [w for w, p in self.procs.items() if p.poll() is None]
+
+    def log(self, worker_id: str) -> str:
+        return (self.logdir / f"{worker_id}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=self.settings.shutdown_grace_s + 15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def check(settings: Settings) -> str:
+    """Run `safeurl-worker check` against the test's database and stream; fail on a violation."""
+    env = env_of(settings, "checker")
+    proc = await asyncio.create_subprocess_exec(CLI, "check", env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 0, f"invariants broken:\n{text}"
+    return text
+
+

@@ -8,10 +8,8 @@ every job to settle and runs `safeurl-worker check`. Figures are printed (pytest
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,10 +22,9 @@ from safeurl_worker.config import Settings
 from safeurl_worker.store import Store
 
 from .conftest import ROOT, TestNet
-from .helpers import submit, wait_all_terminal
+from .helpers import Fleet, check, submit, wait_all_terminal
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
-CLI = str(Path(sys.executable).parent / "safeurl-worker")
 SERVICES = ["bash", str(ROOT / "scripts" / "services.sh")]
 
 
@@ -35,47 +32,6 @@ async def sh(cmd: list[str], timeout: float = 120) -> None:
     """Run an admin command (stop/start a service) without blocking the event loop."""
     await asyncio.to_thread(subprocess.run, cmd, check=True, capture_output=True,
                             timeout=timeout)
-
-
-def env_of(settings: Settings, worker_id: str) -> dict[str, str]:
-    """The test's Settings as the environment of a worker process (every field, by name)."""
-    keep = {k: v for k, v in os.environ.items() if k.upper() not in Settings.model_fields}
-    mine = {name.upper(): str(value) for name, value in settings.model_dump().items()}
-    return {**keep, **mine, "WORKER_ID": worker_id, "JANITOR_INTERVAL_S": "2",
-            "METRICS_PORT": "0", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
-
-
-class Fleet:
-    """Worker processes for one test; every one is gone when the test ends."""
-
-    def __init__(self, settings: Settings, logdir: Path) -> None:
-        self.settings = settings
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, worker_id: str) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{worker_id}.log", "ab")  # noqa: SIM115 - lives with the proc
-        p = subprocess.Popen([CLI, "run"], env=env_of(self.settings, worker_id), stdout=log,
-                             stderr=subprocess.STDOUT)
-        self.procs[worker_id] = p
-        return p
-
-    def alive(self) -> list[str]:
-        return [w for w, p in self.procs.items() if p.poll() is None]
-
-    def log(self, worker_id: str) -> str:
-        return (self.logdir / f"{worker_id}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=self.settings.shutdown_grace_s + 15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 @pytest.fixture
@@ -90,16 +46,6 @@ def fleet(fleet_settings: Settings, tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet(fleet_settings, tmp_path)
     yield f
     f.stop_all()
-
-
-async def check(settings: Settings) -> str:
-    env = env_of(settings, "checker")
-    proc = await asyncio.create_subprocess_exec(CLI, "check", env=env,
-                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = await proc.communicate()
-    text = out.decode()
-    assert proc.returncode == 0, f"invariants broken:\n{text}"
-    return text
 
 
 async def held_by(rds: redis.Redis, settings: Settings, worker_id: str) -> list[str]:

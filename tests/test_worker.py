@@ -162,6 +162,32 @@ async def test_two_workers_never_both_complete_a_job(
     assert await pending(rds, a) == 0
 
 
+async def test_result_cache_reuses_a_recent_verdict_without_a_container(
+        make_settings: type[Settings], store: Store, rds: redis.Redis) -> None:
+    settings = make_settings(result_cache_ttl_s=300)
+    async with running_worker(settings) as worker:
+        first = await submit(store, rds, settings, "http://site-a.test/")
+        assert (await wait_terminal(store, first))["state"] == "COMPLETED"
+        # Same URL once normalized (case, default port, fragment): answered from the cache.
+        second = await submit(store, rds, settings, "HTTP://Site-A.test:80/#frag")
+        assert (await wait_terminal(store, second))["state"] == "COMPLETED"
+        text = worker.metrics.render()
+        assert metric(text, "safeurl_container_runs_total", {"result": "ok"}) == 1
+        assert metric(text, "safeurl_result_cache_hits_total") == 1
+    a = await store.pool.fetchrow("SELECT * FROM scan_results WHERE job_id=$1", first)
+    b = await store.pool.fetchrow("SELECT * FROM scan_results WHERE job_id=$1", second)
+    assert b["cached_from"] == first and a["cached_from"] is None
+    assert (b["verdict"], b["score"], b["sha256"]) == (a["verdict"], a["score"], a["sha256"])
+    assert [x[2] for x in await audit(store, second)] == [1, 2, 3]
+    # With the cache disabled, the same URL is scanned again.
+    off = make_settings(result_cache_ttl_s=0)
+    async with running_worker(off) as worker:
+        third = await submit(store, rds, off, "http://site-a.test/")
+        await wait_terminal(store, third)
+        assert metric(worker.metrics.render(), "safeurl_container_runs_total",
+                      {"result": "ok"}) == 1
+
+
 @pytest.mark.parametrize("url,ok", [
     ("http://example.org/", True),
     ("https://example.org:8443/a?b=c", True),

@@ -18,6 +18,10 @@ LOGIN_CROSS = b"""<!doctype html><html><head><title>Sign in</title></head><body>
 META_REFRESH = b"""<!doctype html><html><head><title>Moving</title>
 <meta http-equiv="refresh" content="0; url=http://site-b.test/"></head><body>moved</body></html>"""
 
+# A refresh after a long delay: the fetcher records it but does not follow it.
+META_REFRESH_DELAYED = b"""<!doctype html><html><head><title>Later</title>
+<meta http-equiv="refresh" content="60; url=http://site-b.test/"></head><body>wait</body></html>"""
+
 OBFUSCATED = (b"<!doctype html><html><head><title>x</title><script>var p='"
               + b"QUJD" * 120 + b"';eval(atob(p));eval(unescape('%61'));"
               b"document.write(String.fromCharCode(60,105));</script></head><body>"
@@ -78,6 +82,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, LOGIN_CROSS)
         elif path == "/meta":
             self._send(200, META_REFRESH)
+        elif path == "/meta-delayed":
+            self._send(200, META_REFRESH_DELAYED)
         elif path == "/obfuscated":
             self._send(200, OBFUSCATED)
         elif path == "/download.exe":
