@@ -514,13 +514,17 @@ def archive_download(url: str, report: Report) -> list[Signal]:
 
 
 def meta_refresh_cross_domain(url: str, report: Report) -> list[Signal]:
-    """Meta refresh to another site is a cheap cloaking redirect that evades HTTP logs."""
-    target = report.features.meta_refresh
-    page_site = _site(_page_url(url, report))
-    target_site = _site(target)
-    if not target or not target_site or not page_site or target_site == page_site:
-        return []
-    return [_signal("meta_refresh_cross_domain", f"meta refresh to {_short(target)}")]
+    """Meta refresh to another site is a cheap cloaking redirect that evades HTTP logs.
+    Seen either as a hop the fetcher followed (kind "meta") or, when it did not follow it
+    (a long delay), in the final page's features."""
+    hops = [(h.url, h.location) for h in report.redirects if h.kind == "meta"]
+    if report.features.meta_refresh:
+        hops.append((_page_url(url, report), report.features.meta_refresh))
+    for page, target in hops:
+        page_site, target_site = _site(page), _site(target)
+        if target_site and page_site and target_site != page_site:
+            return [_signal("meta_refresh_cross_domain", f"meta refresh to {_short(target)}")]
+    return []
 
 
 def js_redirect_cross_domain(url: str, report: Report) -> list[Signal]:

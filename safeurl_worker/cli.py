@@ -244,7 +244,10 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         try:
             found = await docker.containers.list(
                 all=True, filters=orjson.dumps({"label": [LABEL_JOB]}).decode())
-            containers = [c.id[:12] for c in found]
+            # Only this deployment's jobs: the daemon may run other fleets' scans too.
+            ours = {str(r["id"]) for r in await store.pool.fetch("SELECT id FROM scan_jobs")}
+            containers = [c.id[:12] for c in found
+                          if (c["Labels"] or {}).get(LABEL_JOB) in ours]
         finally:
             await docker.close()
         problems = await ops.check_invariants(store, rds, settings, containers,
@@ -270,6 +273,11 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    bad = ops.bad_entry_ids(args.ids)
+    if bad:
+        print(f"safeurl-worker dlq: not a stream entry id: {', '.join(bad)} "
+              "(see `safeurl-worker dlq list`)", file=sys.stderr)
+        return 1
     async with _store(settings) as store, _redis(settings) as rds:
         if args.action == "list":
             entries = await ops.dlq_list(rds, settings, args.count)

@@ -5,6 +5,7 @@ Pure data functions here; printing and argument parsing stay in cli.py.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -27,7 +28,9 @@ def _s(v: Any) -> str:
 
 async def check_invariants(store: Store, rds: redis.Redis, settings: Settings,
                            containers: list[str], allow_active: bool = False) -> list[str]:
-    """Everything that must hold once the system is quiet. Returns the violations."""
+    """Everything that must hold once the system is quiet (`allow_active`: the checks that also
+    hold while jobs run). `containers`: labelled containers of jobs in this database.
+    Returns the violations."""
     problems: list[str] = []
     q = store.pool.fetch
     if not allow_active:
@@ -52,6 +55,8 @@ async def check_invariants(store: Store, rds: redis.Redis, settings: Settings,
     for r in await q("SELECT id, state FROM scan_jobs WHERE state IN ('FAILED', 'TIMED_OUT') "
                      "AND error_code IS NULL LIMIT 20"):
         problems.append(f"job {r['id']} is {r['state']} without an error_code")
+    if allow_active:  # a live system: in-flight jobs hold entries and run containers
+        return problems
     with_group = [g for g in await _groups(rds, settings.scan_stream)
                   if _s(g["name"]) == settings.scan_group]
     if with_group and int(with_group[0]["pending"]):
@@ -161,6 +166,14 @@ async def retry_jobs(store: Store, rds: redis.Redis, settings: Settings, *,
 
 
 # --- dead letters ---------------------------------------------------------------------------
+
+_ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
+
+
+def bad_entry_ids(ids: list[str]) -> list[str]:
+    """Ids that are not stream entry ids (`<ms>-<seq>`), so Redis would reject them."""
+    return [i for i in ids if not _ENTRY_ID.match(i)]
+
 
 async def dlq_list(rds: redis.Redis, settings: Settings, count: int) -> list[dict[str, str]]:
     entries: Any = await rds.xrange(settings.dead_letter_stream, count=count)

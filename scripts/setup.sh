@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/safeurl-worker ] || [ pyproject.toml -nt .venv/.installed ];
   echo "[setup] creating .venv and installing the project" >&2
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[dev]' >/dev/null
+  .venv/bin/pip install -q -e '.[dev,bench]' >/dev/null
   touch .venv/.installed
 fi
 bash scripts/build-images.sh "$@"

@@ -231,9 +231,6 @@ async def test_check_passes_when_settled_and_fails_on_a_broken_invariant(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="bug: `check --allow-active` (documented for a live "
-                   "system) reports every in-flight job's pending entry and running container "
-                   "as violations (ops.check_invariants ignores allow_active for them)")
 async def test_check_allow_active_passes_on_a_live_system(
         settings: Settings, store: Store, rds: redis.Redis, testnet: TestNet) -> None:
     async with running_worker(settings):
@@ -381,9 +378,6 @@ async def test_dlq_list_replay_purge(
 
 @pytest.mark.integration
 @pytest.mark.parametrize("action", ["replay", "purge"])
-@pytest.mark.xfail(strict=True, reason="bug: `dlq replay|purge <malformed id>` dies with a "
-                   "redis ResponseError traceback (ops.dlq_replay XRANGE / ops.dlq_purge XDEL; "
-                   "cli.main only catches OSError) instead of a one-line error")
 async def test_dlq_commands_reject_malformed_entry_ids_cleanly(
         settings: Settings, rds: redis.Redis, action: str) -> None:
     await rds.xadd(settings.dead_letter_stream, {"reason": "MALFORMED_MESSAGE", "job_id": "x"})

@@ -196,10 +196,6 @@ async def test_corpus_verdicts_and_signals(
     assert took < 30, f"corpus took {took:.1f}s"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: analysis.meta_refresh_cross_domain only reads report.features.meta_refresh, i.e. the "
-    "features of the FINAL page; the fetcher follows meta refreshes (kind='meta' hops in "
-    "report.redirects), so a followed cross-site meta refresh never raises the signal"))
 async def test_meta_refresh_cross_domain_signal(
         settings: Settings, store: Store, rds: redis.Redis) -> None:
     async with running_worker(settings):
