@@ -24,7 +24,9 @@ from datetime import datetime
 from typing import Any
 
 import aiodocker
+import asyncpg
 import orjson
+import redis.exceptions
 import uvloop
 
 from . import __version__, analysis, ops
@@ -199,12 +201,26 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
             if not args.wait:
                 print(job_id)
                 return 0
-            return await _wait(store, job_id, args.timeout)
+            return await _wait(store, job_id, args.timeout, args.brief)
         finally:
             await consumer.redis.aclose()
 
 
-async def _wait(store: Store, job_id: uuid.UUID, timeout: float) -> int:
+def brief(view: dict[str, Any]) -> str:
+    """One job in a few lines: state, verdict, score, URL, error, signals."""
+    job, res = view["job"], view["result"] or {}
+    lines = [f"{job['state']:<10} {res.get('verdict', '-'):<11} "
+             f"score={res.get('score', '-')!s:<4} {job['url']}"]
+    if job["error_code"]:
+        lines.append(f"{'':<10} error {job['error_code']}: {job['error_message']}")
+    if res.get("signals"):
+        lines.append(f"{'':<10} signals: " + ", ".join(s["name"] for s in res["signals"]))
+    if res.get("cached_from"):
+        lines.append(f"{'':<10} (reused the result of job {res['cached_from']})")
+    return "\n".join(lines)
+
+
+async def _wait(store: Store, job_id: uuid.UUID, timeout: float, short: bool = False) -> int:
     deadline = asyncio.get_running_loop().time() + timeout
     last = None
     while True:
@@ -215,7 +231,7 @@ async def _wait(store: Store, job_id: uuid.UUID, timeout: float) -> int:
             print(f"{job_id} {state}", file=sys.stderr)
             last = state
         if state in ("COMPLETED", "FAILED", "TIMED_OUT"):
-            print(_json(view))
+            print(brief(view) if short else _json(view))
             return 0 if state == "COMPLETED" else 1
         if asyncio.get_running_loop().time() > deadline:
             print(f"timed out waiting; last state {state}", file=sys.stderr)
@@ -340,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("url")
     s.add_argument("--wait", action="store_true", help="wait and print the result as JSON")
     s.add_argument("--timeout", type=float, default=120, help="seconds to wait (default 120)")
+    s.add_argument("--brief", action="store_true", help="with --wait: a short summary, not JSON")
     s.set_defaults(fn=cmd_submit)
     st = sub.add_parser("status", help="fleet status, or one job's row, result and audit trail",
                         epilog="examples: safeurl-worker status; safeurl-worker status --json; "
@@ -386,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         return uvloop.run(fn(settings, args))
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
-        print(f"safeurl-worker: cannot reach a dependency: {exc}", file=sys.stderr)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+            redis.exceptions.RedisError, aiodocker.DockerError) as exc:
+        print(f"safeurl-worker: {args.command} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
         return 1
 
 

@@ -35,15 +35,12 @@ echo $! >"$STATE/worker.pid"
 for _ in $(seq 100); do curl -fs http://127.0.0.1:9400/readyz >/dev/null 2>&1 && break; sleep 0.2; done
 echo "worker running (pid $(cat "$STATE/worker.pid")), log: $STATE/worker.log, metrics: http://127.0.0.1:9400/metrics"
 
-summary='import json,sys
-v=json.load(sys.stdin); j=v["job"]; r=v["result"] or {}
-sig=", ".join(s["name"] for s in r.get("signals") or [])
-print(f"{j[\"state\"]:<10} {r.get(\"verdict\",\"-\"):<11} score={r.get(\"score\",\"-\")!s:<4} {j[\"url\"]}")
-if j["error_code"]: print(f"{\"\":<10} error {j[\"error_code\"]}: {j[\"error_message\"]}")
-if sig: print(f"{\"\":<10} signals: {sig}")'
 for url in http://site-a.test/ http://site-a.test/login http://site-a.test/chain \
            http://site-a.test/download.exe http://site-a.test/obfuscated ftp://example.org/ \
-           "http://site-a.test/to/http://127.0.0.1:6379/"; do
-  .venv/bin/safeurl-worker submit "$url" --wait --timeout 60 2>/dev/null | .venv/bin/python -c "$summary" || true
+           "http://site-a.test/to/http://169.254.169.254/latest/meta-data/" \
+           "http://[::ffff:127.0.0.1]/"; do
+  .venv/bin/safeurl-worker submit "$url" --wait --brief --timeout 60 2>/dev/null || true
 done
+echo
+.venv/bin/safeurl-worker status
 echo "stop the demo with: scripts/demo.sh stop"
