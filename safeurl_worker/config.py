@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     unknown_job_delay_ms: int = Field(default=500, ge=0)
     janitor_interval_s: float = Field(default=5, gt=0)
     requeue_after_s: float = Field(default=60, ge=0)
+    orphan_after_s: float = Field(default=0, ge=0)  # 0: container timeout + 60 s
 
     # --- fetcher sandbox ---
     fetcher_network: str = "bridge"

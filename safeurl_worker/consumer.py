@@ -199,6 +199,8 @@ class Consumer:
     async def trim(self) -> int:
         """Drop acknowledged entries: trim below the oldest entry that is still pending or not
         yet delivered (MINID), so trimming can never remove work."""
+        if not await self.redis.exists(self.stream):
+            return 0
         groups = await self.redis.xinfo_groups(self.stream)
         floor: str | None = None
         for g in groups:

@@ -67,12 +67,16 @@ class Janitor:
         return bool(await self._renew_lock(keys=[self.lock_key], args=[me, ttl_ms]))
 
     async def run_once(self) -> dict[str, int]:
-        done = {
-            "requeued": await self.requeue_lost(),
-            "recovered": await self.recover_stuck(),
-            "containers_removed": await self.remove_orphans(),
-            "trimmed": await self.consumer.trim(),
-        }
+        actions = {"requeued": self.requeue_lost, "recovered": self.recover_stuck,
+                   "containers_removed": self.remove_orphans, "trimmed": self.consumer.trim}
+        done: dict[str, int] = {}
+        for action, fn in actions.items():
+            try:  # each repair stands alone: one failing must not skip the others
+                done[action] = await fn()
+            except Exception as exc:
+                done[action] = 0
+                log.warning("janitor action failed", extra={
+                    "action": action, "error": f"{type(exc).__name__}: {exc}"[:300]})
         for action, n in done.items():
             if n and action != "trimmed":
                 self.metrics.janitor_actions.labels(action).inc(n)
@@ -110,7 +114,8 @@ class Janitor:
         return await self._requeue(stuck, {"janitor": "recovered: no live lease"})
 
     async def remove_orphans(self) -> int:
-        older = self.settings.container_timeout_ms / 1000 + 60
+        # Older than any live scan can be (a scan is killed at the container timeout).
+        older = self.settings.orphan_after_s or self.settings.container_timeout_ms / 1000 + 60
         with contextlib.suppress(Exception):  # Docker down: try again next round
             return await self.runner.remove_labelled(older_than_s=older)
         return 0
@@ -128,6 +133,8 @@ class Janitor:
         return n
 
     async def _last_delivered_ms(self) -> int | None:
+        if not await self.consumer.redis.exists(self.settings.scan_stream):
+            return None
         for g in await self.consumer.redis.xinfo_groups(self.settings.scan_stream):
             name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
             if name == self.settings.scan_group:

@@ -1,0 +1,102 @@
+"""The janitor against real Redis, PostgreSQL and Docker: lost XADDs, stuck jobs, orphans,
+one leader at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as redis
+
+from safeurl_worker.cli import wired_worker
+from safeurl_worker.config import Settings
+from safeurl_worker.models import State
+from safeurl_worker.store import Store
+
+from .conftest import FETCHER_IMAGE, docker, running_worker
+from .helpers import audit, wait_terminal
+
+pytestmark = pytest.mark.integration
+
+
+async def _age(store: Store, job_id: uuid.UUID, seconds: int) -> None:
+    await store.pool.execute("UPDATE scan_jobs SET updated_at = now() - make_interval(secs => $2)"
+                             " WHERE id = $1", job_id, seconds)
+
+
+async def _deliver_something(rds: redis.Redis, settings: Settings) -> None:
+    """Move the group's last-delivered id to now, as live traffic would."""
+    await rds.xgroup_create(settings.scan_stream, settings.scan_group, id="0", mkstream=True)
+    await rds.xadd(settings.scan_stream, {"job_id": "filler"})
+    await rds.xreadgroup(settings.scan_group, "someone", {settings.scan_stream: ">"}, count=10)
+
+
+async def test_lost_xadd_is_requeued_and_then_completes(
+        make_settings: type[Settings], store: Store, rds: redis.Redis) -> None:
+    settings = make_settings(requeue_after_s=30)
+    await _deliver_something(rds, settings)
+    lost = await store.insert_job("http://site-a.test/")  # the API crashed before its XADD
+    fresh = await store.insert_job("http://site-a.test/")  # too young to judge
+    await _age(store, lost, 3600)
+    async with wired_worker(settings) as worker:
+        assert worker.janitor is not None
+        done = await worker.janitor.run_once()
+    assert done["requeued"] == 1
+    assert await audit(store, lost) == [("QUEUED", "QUEUED", 1)]
+    assert await audit(store, fresh) == []
+    entries = await rds.xrange(settings.scan_stream)
+    assert [f[b"job_id"] for _, f in entries].count(str(lost).encode()) == 1
+    await rds.xack(settings.scan_stream, settings.scan_group,
+                   *[m for m, f in entries if f[b"job_id"] == b"filler"])
+    async with running_worker(settings):
+        assert (await wait_terminal(store, lost))["state"] == "COMPLETED"
+
+
+async def test_stuck_job_without_a_lease_is_recovered(
+        make_settings: type[Settings], store: Store, rds: redis.Redis) -> None:
+    settings = make_settings(container_timeout_ms=1000, max_attempts=1, lease_timeout_ms=1000,
+                             lease_renew_ms=200)
+    await _deliver_something(rds, settings)
+    job_id = await store.insert_job("http://site-a.test/")
+    job = await store.get_job(job_id)
+    assert job is not None
+    await store.transition(job, State.FETCHING, worker_id="dead-worker", add_attempt=True)
+    await _age(store, job_id, 3600)  # its worker died and its message is gone
+    async with wired_worker(settings) as worker:
+        assert worker.janitor is not None
+        assert (await worker.janitor.run_once())["recovered"] == 1
+    trail = await audit(store, job_id)
+    assert trail == [("QUEUED", "FETCHING", 1), ("FETCHING", "QUEUED", 2)]
+    detail = await store.pool.fetchval(
+        "SELECT detail->>'janitor' FROM scan_audit_log WHERE job_id=$1 AND version=2", job_id)
+    assert "no live lease" in detail
+
+
+async def test_orphan_containers_are_removed(
+        make_settings: type[Settings], store: Store) -> None:
+    settings = make_settings(orphan_after_s=1)
+    orphan = uuid.uuid4()
+    cid = docker("create", "--label", f"safeurl.job_id={orphan}", "--entrypoint", "true",
+                 FETCHER_IMAGE)
+    try:
+        await asyncio.sleep(1.5)
+        async with wired_worker(settings) as worker:
+            assert worker.janitor is not None
+            assert (await worker.janitor.run_once())["containers_removed"] >= 1
+        assert docker("ps", "-aq", "--filter", f"id={cid}") == ""
+    finally:
+        docker("rm", "-f", cid, check=False)
+
+
+async def test_one_janitor_leads_at_a_time(
+        make_settings: type[Settings], store: Store) -> None:
+    a, b = make_settings(worker_id="jan-a"), make_settings(worker_id="jan-b")
+    async with wired_worker(a) as wa, wired_worker(b) as wb:
+        assert wa.janitor is not None and wb.janitor is not None
+        assert await wa.janitor._leader(ttl_ms=5000)
+        assert not await wb.janitor._leader(ttl_ms=5000)
+        assert await wa.janitor._leader(ttl_ms=5000)  # the leader renews its lock
+        await wa.consumer.redis.delete(wa.janitor.lock_key)  # the leader died: lock expired
+        assert await wb.janitor._leader(ttl_ms=5000)
+        await wb.consumer.redis.delete(wb.janitor.lock_key)
