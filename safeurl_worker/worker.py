@@ -6,7 +6,7 @@ Where things happen (the one-minute tour):
   * a container runs ............. `Worker._scan` -> `Runner.run`
   * a state transition is written  `Worker._move` -> `Store.transition` / `Store.complete`
   * the message is acked ......... `Worker._finish` (only after a terminal write committed)
-  * leases / takeover ............ `Worker._lease_loop`, `Worker._read_loop` (reclaim first)
+  * leases / takeover ............ `Worker._lease_loop`, `Worker._reclaim_loop`
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class Worker:
         own = await self._retry("redis", self.consumer.read_own_pending)
         for d in own:  # our previous life's messages come first
             self._start(d)
-        loops = [asyncio.create_task(self._lease_loop())]
+        loops = [asyncio.create_task(self._lease_loop()),
+                 asyncio.create_task(self._reclaim_loop())]
         if self.janitor:
             loops.append(asyncio.create_task(self.janitor.loop()))
         self.taking_jobs = True
@@ -179,25 +180,15 @@ class Worker:
             self._slots.release()
 
     async def _read_loop(self) -> None:
-        """Fill free slots: first with entries whose owner stopped renewing them (so a dead
-        replica's jobs never wait behind a backlog), then with new entries."""
+        """Fill free slots with new entries (reclaimed ones queue ahead: `_reclaim_loop`)."""
         errors = 0
-        next_reclaim = 0.0
-        reclaim_every = min(1.0, self.settings.lease_timeout_ms / 4000)
         while not self._stopping.is_set():
             await self._docker_ready.wait()  # no Docker, no new work (nothing is failed)
             n = await self._take_slots(wait=True)
             got: list[Delivery] = []
             try:
-                if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + reclaim_every
-                    got = await self.consumer.reclaim(self.settings.lease_timeout_ms, n)
-                    for d in got:
-                        log.info("reclaimed message", extra={"message_id": d.message_id,
-                                                             "deliveries": d.deliveries})
-                if len(got) < n:
-                    got += await self._until_stopped(
-                        self.consumer.read(n - len(got), self.settings.read_block_ms)) or []
+                got = await self._until_stopped(
+                    self.consumer.read(n, self.settings.read_block_ms)) or []
                 errors = 0
             except TRANSIENT as exc:
                 errors += 1
@@ -206,6 +197,29 @@ class Worker:
             self._give_back(n - len(got))
             for d in got:
                 self._start(d, holds_slot=True)
+
+    async def _reclaim_loop(self) -> None:
+        """Twice a second, take over entries whose owner stopped renewing them, even when all
+        slots are busy: they wait for a slot in the semaphore's FIFO queue, ahead of the read
+        loop, so a dead replica's jobs never wait behind a backlog. At most one extra batch
+        of `WORKER_CONCURRENCY` is held this way (and renewed like any in-flight entry)."""
+        # Twice a second: a dead replica's work restarts within the lease timeout + 0.5 s.
+        interval = min(0.5, self.settings.lease_timeout_ms / 8000)
+        limit = 2 * self.settings.worker_concurrency
+        while not self._stopping.is_set():
+            await asyncio.sleep(interval)
+            room = limit - len(self._inflight)
+            if room <= 0 or not self._docker_ready.is_set():
+                continue
+            try:
+                got = await self.consumer.reclaim(self.settings.lease_timeout_ms, room)
+            except TRANSIENT as exc:
+                self._transient("redis", exc)
+                continue
+            for d in got:
+                log.info("reclaimed message", extra={"message_id": d.message_id,
+                                                     "deliveries": d.deliveries})
+                self._start(d)
 
     async def _until_stopped(self, aw: Awaitable[T]) -> T | None:
         """Await `aw`, or give up on it when stop() is called (a blocked XREADGROUP)."""
