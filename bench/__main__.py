@@ -229,17 +229,23 @@ async def recovery(jobs: int, redis_url: str, job_seconds: float) -> dict[str, A
 # --- part 5 ---------------------------------------------------------------------------------
 
 def part5(jobs: int, concurrency: int, redis_url: str, replicas: list[int]) -> dict[str, Any]:
+    """Throughput by replica count, and where the cores went (CPU seconds per process role
+    over the run, read from /proc while every process of the run is still alive)."""
     rows = []
     for n in replicas:
         before = cpu_by_process()
+        producer0 = sum(os.times()[:2])
         t0 = time.monotonic()
-        res = uvloop.run(run_ours(jobs, concurrency, redis_url, replicas=n))
-        wall = time.monotonic() - t0
-        after = cpu_by_process()
-        # Share of the machine's 2 cores each role used over the run (workers' own CPU is
-        # measured inside run_ours; their processes are gone by now).
-        used = {k: (after.get(k, 0) - before.get(k, 0)) / wall for k in ("postgres", "redis")}
-        used["workers"] = res.cpu_ms_per_job * jobs / 1000 / wall
+        snap: dict[str, Any] = {}
+
+        def done(snap: dict[str, Any] = snap, t0: float = t0, p0: float = producer0) -> None:
+            snap["cpu"], snap["wall"] = cpu_by_process(), time.monotonic() - t0
+            snap["producer"] = sum(os.times()[:2]) - p0
+
+        res = uvloop.run(run_ours(jobs, concurrency, redis_url, replicas=n, on_done=done))
+        used = {k: (snap["cpu"].get(k, 0) - before.get(k, 0)) / snap["wall"]
+                for k in ("worker", "postgres", "redis")}
+        used["producer"] = snap["producer"] / snap["wall"]
         rows.append({"replicas": n, "jobs_per_s": res.jobs_per_s,
                      "cores_used": {k: round(v, 2) for k, v in used.items()}})
     return {"rows": rows, "cores": os.cpu_count()}
@@ -271,12 +277,13 @@ def table(res: dict[str, Any]) -> str:
                      f"{p3['jobs_held']} jobs restarted, p50 {p3['p50_s']:.1f} s, "
                      f"max {p3['max_s']:.1f} s (lease {p3['lease_timeout_s']:.0f} s)")
     if "part5" in res:
-        lines.append("5. scale-out (no-op path)  replicas  jobs/s  cores used (workers/postgres/"
-                     "redis)")
+        lines.append("5. scale-out (no-op path)  replicas  jobs/s  cores used: workers / postgres "
+                     "/ redis / producer")
         for row in res["part5"]["rows"]:
             c = row["cores_used"]
             lines.append(f"   {'':<24}{row['replicas']:>9}{row['jobs_per_s']:>8.0f}  "
-                         f"{c['workers']:.2f} / {c['postgres']:.2f} / {c['redis']:.2f}")
+                         f"{c['worker']:.2f} / {c['postgres']:.2f} / {c['redis']:.2f} / "
+                         f"{c['producer']:.2f}")
     return "\n".join(lines)
 
 
@@ -324,10 +331,14 @@ def main() -> None:
     ap.add_argument("--systems", default="saq,arq,celery")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    ap.add_argument("--merge", action="store_true",
+                    help="update the parts run now in an existing results.json")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     res: dict[str, Any] = {"machine": f"{os.cpu_count()} cores",
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.merge and (args.out / "results.json").exists():
+        res = {**json.loads((args.out / "results.json").read_text()), **res}
     if "1" in parts:
         res["part1"] = part1(args.jobs, args.concurrency, args.redis_url,
                              [s for s in args.systems.split(",") if s])

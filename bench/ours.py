@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -177,7 +178,10 @@ def _pct(sorted_ms: list[float], p: float) -> float:
 
 
 async def run_ours(jobs: int, concurrency: int, redis_url: str, replicas: int = 1,
-                   profile: Path | None = None, timeout: float = 600) -> OursResult:
+                   profile: Path | None = None, timeout: float = 600,
+                   on_done: Callable[[], None] | None = None) -> OursResult:
+    """`on_done` runs when the last job completed, before any process is stopped (so that
+    per-connection PostgreSQL backends can still be measured)."""
     env = await BenchEnv.create(redis_url)
     r = redis.Redis.from_url(redis_url)
     pool = await create_pool(env.dsn, 4)
@@ -197,6 +201,8 @@ async def run_ours(jobs: int, concurrency: int, redis_url: str, replicas: int = 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {done}/{jobs} completed in {timeout}s")
             await asyncio.sleep(0.05)
+        if on_done:
+            on_done()
         t1 = float(await pool.fetchval("SELECT extract(epoch FROM max(finished_at)) "
                                        "FROM scan_jobs"))
         cpu = sum(_proc_stats(p.pid)[1] for p in procs)
