@@ -32,6 +32,8 @@ import uvloop
 from . import __version__, analysis, ops
 from .config import ConfigError, Settings, load_settings
 from .consumer import Consumer, connect
+from .errors import backoff, is_transient, pause
+from .intake import DuplicateWorkerId
 from .janitor import Janitor
 from .metrics import HealthServer, Metrics
 from .runner import LABEL_JOB, ContainerRunner, Runner
@@ -97,44 +99,85 @@ async def _redis(settings: Settings) -> AsyncIterator[Any]:
 
 
 def _consumer(settings: Settings) -> Consumer:
-    return Consumer(connect(settings.redis_dsn), settings.scan_stream, settings.scan_group,
-                    settings.worker_id, settings.dead_letter_stream)
+    return Consumer(connect(settings.redis_dsn, settings.read_block_ms), settings.scan_stream,
+                    settings.scan_group, settings.worker_id, settings.dead_letter_stream,
+                    settings.dead_letter_maxlen)
+
+
+class StoppedDuringStartup(Exception):
+    """SIGTERM arrived while we were still waiting for a dependency."""
+
+
+async def _connect_store(settings: Settings, stopping: asyncio.Event,
+                         status: dict[str, str]) -> Store:
+    """Open the PostgreSQL pool, waiting with backoff while the server is down or restarting:
+    a dependency that blinks at start-up must not end the process. /readyz says why."""
+    attempt = 0
+    while True:
+        try:
+            # One connection per concurrent job plus the loops: no job waits for a connection.
+            size = settings.worker_concurrency + 3
+            return Store(await create_pool(settings.database_url, size, min_size=size))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            attempt += 1
+            status["postgres"] = f"connecting: {type(exc).__name__}: {exc}"[:200]
+            log.warning("waiting for postgres", extra={"error": status["postgres"]})
+            await pause(stopping, backoff(attempt, base=0.5, cap=5))
+            if stopping.is_set():
+                raise StoppedDuringStartup from exc
 
 
 @contextlib.asynccontextmanager
-async def wired_worker(settings: Settings,
-                       runner: ContainerRunner | None = None) -> AsyncIterator[Worker]:
-    """A Worker connected to PostgreSQL, Redis and Docker, with its health server up.
-    `runner` replaces the Docker runner (the benchmark's in-process stub)."""
+async def wired_worker(settings: Settings, runner: ContainerRunner | None = None,
+                       stopping: asyncio.Event | None = None) -> AsyncIterator[Worker]:
+    """A Worker connected to PostgreSQL, Redis and Docker, with its health server up first (so
+    /readyz explains a slow start). `runner` replaces the Docker runner (the benchmark's stub)."""
+    stopping = stopping or asyncio.Event()
     metrics = Metrics()
-    # One connection per concurrent job plus the loops: no job ever waits for a connection.
-    async with _store(settings, settings.worker_concurrency + 3, warm=True) as store:
-        consumer = _consumer(settings)
-        docker = aiodocker.Docker(url=f"unix://{settings.docker_socket_path}")
-        runner = runner or Runner(settings, docker)
+    consumer = _consumer(settings)
+    docker = aiodocker.Docker(url=f"unix://{settings.docker_socket_path}")
+    runner = runner or Runner(settings, docker)
+    wiring: dict[str, Any] = {"status": {}}
+    health = HealthServer(metrics, _probes(wiring, consumer, runner), settings.metrics_port,
+                          on_scrape=lambda: _scrape(consumer, metrics))
+    store: Store | None = None
+    try:
+        if settings.metrics_port:
+            await health.start()
+        store = await _connect_store(settings, stopping, wiring["status"])
+        wiring["store"] = store
         blocklist = analysis.Blocklist(settings.blocklist_path or None)
         analysis.registrable_domain("example.com")  # load the public suffix list now, once
         janitor = Janitor(settings, store, consumer, runner, metrics)
-        worker = Worker(settings, store, consumer, runner, metrics, blocklist, janitor)
-        health = HealthServer(metrics, _probes(store, consumer, runner, worker),
-                              settings.metrics_port, on_scrape=lambda: _scrape(consumer, metrics))
-        try:
-            if settings.metrics_port:
-                await health.start()
-            yield worker
-        finally:
-            await health.stop()
-            await docker.close()
-            await consumer.redis.aclose()
+        worker = Worker(settings, store, consumer, runner, metrics, blocklist, janitor,
+                        stopping=stopping)
+        wiring["worker"] = worker
+        yield worker
+    finally:
+        await health.stop()
+        if store is not None:  # a hung server must not hold up the exit
+            try:
+                await asyncio.wait_for(store.pool.close(), 1)
+            except Exception:
+                store.pool.terminate()
+        await docker.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(consumer.redis.aclose(), 1)
 
 
 async def run_worker(settings: Settings) -> None:
-    async with wired_worker(settings) as worker:
-        _install_signals(worker)
-        await worker.run()
+    stopping = asyncio.Event()
+    _install_signals(stopping)  # first: SIGTERM is honoured while we wait for dependencies
+    try:
+        async with wired_worker(settings, stopping=stopping) as worker:
+            await worker.run()
+    except StoppedDuringStartup:
+        log.info("stopped before start-up completed")
 
 
-def _install_signals(worker: Worker) -> None:
+def _install_signals(stopping: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     seen = {"count": 0}
 
@@ -144,15 +187,18 @@ def _install_signals(worker: Worker) -> None:
             log.error("second signal: exiting at once", extra={"signal": signum})
             os._exit(1)
         log.info("signal received: draining", extra={"signal": signum})
-        worker.stop()
+        stopping.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
 
-def _probes(store: Store, consumer: Consumer, runner: ContainerRunner,
-            worker: Worker) -> dict[str, Callable[[], Awaitable[str | None]]]:
+def _probes(wiring: dict[str, Any], consumer: Consumer, runner: ContainerRunner
+            ) -> dict[str, Callable[[], Awaitable[str | None]]]:
     async def pg() -> str | None:
+        store: Store | None = wiring.get("store")
+        if store is None:
+            return str(wiring["status"].get("postgres", "connecting"))
         await store.pool.fetchval("SELECT 1")
         return None
 
@@ -164,7 +210,8 @@ def _probes(store: Store, consumer: Consumer, runner: ContainerRunner,
         return None if await runner.ping() else "docker daemon unreachable"
 
     async def taking() -> str | None:
-        if not worker.taking_jobs:
+        worker: Worker | None = wiring.get("worker")
+        if worker is None or not worker.taking_jobs:
             return "not taking jobs (starting or draining)"
         return None if worker.docker_ready else "paused: waiting for docker"
 
@@ -266,12 +313,15 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
                           if (c["Labels"] or {}).get(LABEL_JOB) in ours]
         finally:
             await docker.close()
-        problems = await ops.check_invariants(store, rds, settings, containers,
-                                              allow_active=args.allow_active)
-    for p in problems:
+        report = await ops.check_invariants(store, rds, settings, containers,
+                                            allow_active=args.allow_active)
+    for p in report.problems:
         print(f"VIOLATION {p}")
-    print("all invariants hold" if not problems else f"{len(problems)} violation(s)")
-    return 1 if problems else 0
+    # Not a violation: repairs are the janitor's job, but many of them point at a sick fleet.
+    print(f"janitor repaired {report.janitor_jobs} job(s)")
+    print("all invariants hold" if not report.problems
+          else f"{len(report.problems)} violation(s)")
+    return 1 if report.problems else 0
 
 
 async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
@@ -403,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         return uvloop.run(fn(settings, args))
     except KeyboardInterrupt:
         return 130
+    except DuplicateWorkerId as exc:
+        print(f"safeurl-worker: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
             redis.exceptions.RedisError, aiodocker.DockerError) as exc:
         print(f"safeurl-worker: {args.command} failed: {type(exc).__name__}: {exc}",

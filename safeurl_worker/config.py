@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     scan_stream: str = Field(default="scan-jobs", min_length=1)
     scan_group: str = Field(default="scan-workers", min_length=1)
     dead_letter_stream: str = Field(default="scan-jobs:dead", min_length=1)
+    dead_letter_maxlen: int = Field(default=100_000, ge=100)  # approximate bound (XADD MAXLEN ~)
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
 
     # --- leases and recovery ---
@@ -60,6 +61,7 @@ class Settings(BaseSettings):
     janitor_interval_s: float = Field(default=5, gt=0)
     requeue_after_s: float = Field(default=60, ge=0)
     orphan_after_s: float = Field(default=0, ge=0)  # 0: container timeout + 60 s
+    consumer_idle_s: float = Field(default=3600, ge=0)  # forget empty, dead consumers after
 
     # --- fetcher sandbox ---
     fetcher_network: str = "bridge"

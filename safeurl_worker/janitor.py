@@ -1,15 +1,17 @@
-"""The janitor: repairs what no single job's worker can see. One replica at a time runs it,
-elected with a Redis lock that expires if its holder dies.
+"""The janitor: repairs what no single job's worker can see. One replica at a time runs the
+rounds, elected with a Redis lock that expires if its holder dies; right after Redis lost data
+(a stream or group had to be recreated) the replica that noticed runs a round at once.
 
 Each round:
-  * re-enqueue jobs still QUEUED long after every older stream entry was delivered (the API
-    inserted the row but its XADD was lost);
-  * recover jobs stuck in FETCHING/ANALYZING whose message is no longer pending anywhere (no live
-    lease can finish them);
+  * re-enqueue QUEUED jobs that have no entry in the stream (the API's XADD was lost, or Redis
+    lost the entry) once they are `REQUEUE_AFTER_S` old (2 s right after a data loss);
+  * recover FETCHING/ANALYZING jobs whose owner is dead (no heartbeat with its token) and that
+    have no entry left anywhere in the stream (no takeover can find them);
   * remove containers labelled by this service that outlived the container timeout (orphans of
-    a crashed replica);
-  * trim acknowledged entries from the stream.
-Every repair is a versioned, audited write and a counted metric.
+    a crashed replica), forget idle consumers that hold nothing, trim acknowledged entries.
+Every repair is a versioned, audited write (detail `janitor`) and a counted metric: a repair
+means some path lost a message, so `safeurl-worker check` reports how many jobs needed one.
+Judging owners dead waits until Redis has answered this replica for a whole lease, like takeovers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import Settings
@@ -51,11 +53,15 @@ class Janitor:
 
     async def loop(self) -> None:
         interval = self.settings.janitor_interval_s
+        lost = self.consumer.data_lost
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), interval)
+            prompt = lost.is_set()
+            lost.clear()
             try:
-                if await self._leader(ttl_ms=int(interval * 3000)):
-                    await self.run_once()
+                if prompt or await self._leader(ttl_ms=int(interval * 3000)):
+                    await self.run_once(after_data_loss=prompt)
             except Exception as exc:  # a bad round must not stop the janitor
                 log.warning("janitor round failed", extra={"error": f"{type(exc).__name__}: "
                                                                     f"{exc}"[:300]})
@@ -66,9 +72,16 @@ class Janitor:
             return True
         return bool(await self._renew_lock(keys=[self.lock_key], args=[me, ttl_ms]))
 
-    async def run_once(self) -> dict[str, int]:
-        actions = {"requeued": self.requeue_lost, "recovered": self.recover_stuck,
-                   "containers_removed": self.remove_orphans, "trimmed": self.consumer.trim}
+    async def run_once(self, after_data_loss: bool = False) -> dict[str, int]:
+        age = min(2.0, self.settings.requeue_after_s) if after_data_loss \
+            else self.settings.requeue_after_s
+        actions: dict[str, Callable[[], Awaitable[int]]] = {
+            "requeued": lambda: self.requeue_lost(age),
+            "recovered": self.recover_stuck,
+            "containers_removed": self.remove_orphans,
+            "consumers_removed": lambda: self.consumer.remove_idle_consumers(
+                int(self.settings.consumer_idle_s * 1000)),
+            "trimmed": self.consumer.trim}
         done: dict[str, int] = {}
         for action, fn in actions.items():
             try:  # each repair stands alone: one failing must not skip the others
@@ -83,35 +96,46 @@ class Janitor:
                 log.warning("janitor repaired", extra={"action": action, "count": n})
         return done
 
-    async def requeue_lost(self) -> int:
-        """QUEUED jobs older than every delivered entry: their XADD never happened."""
-        delivered_ms = await self._last_delivered_ms()
-        if delivered_ms is None:
+    async def requeue_lost(self, age_s: float | None = None) -> int:
+        """QUEUED jobs with no entry in the stream: their XADD never happened or was lost."""
+        candidates = await self.store.queued_since(
+            self.settings.requeue_after_s if age_s is None else age_s)
+        if not candidates:
             return 0
-        rows = await self.store.pool.fetch(
-            "SELECT id, url, state, version, attempts, worker_id, error_code, created_at "
-            "FROM scan_jobs WHERE state = 'QUEUED' "
-            "AND updated_at < now() - make_interval(secs => $1) "
-            "AND updated_at < to_timestamp($2 / 1000.0) - interval '5 seconds' "
-            "ORDER BY updated_at LIMIT 500",
-            float(self.settings.requeue_after_s), float(delivered_ms))
-        return await self._requeue([Job.model_validate(dict(r)) for r in rows],
-                                   {"janitor": "requeued: no stream entry"})
+        in_stream, complete = await self.consumer.job_ids_in_stream()
+        if not complete:  # a backlog too long to scan: judge again when it has shrunk
+            log.info("janitor: stream backlog too long to look for lost entries")
+            return 0
+        lost = [j for j in candidates if j.id not in in_stream]
+        return await self._requeue(lost, {"janitor": "requeued: no stream entry"}, fault=False)
 
     async def recover_stuck(self) -> int:
-        """FETCHING/ANALYZING jobs long past any possible run whose message nobody holds."""
-        limit_s = (self.settings.container_timeout_ms / 1000 * self.settings.max_attempts
-                   + self.settings.lease_timeout_ms / 1000 * 2 + 30)
-        rows = await self.store.pool.fetch(
-            "SELECT id, url, state, version, attempts, worker_id, error_code, created_at "
-            "FROM scan_jobs WHERE state IN ('FETCHING', 'ANALYZING') "
-            "AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT 500",
-            limit_s)
-        if not rows:
+        """FETCHING/ANALYZING jobs of a dead owner with no entry left in the stream."""
+        lease_s = self.settings.lease_timeout_ms / 1000
+        if self.consumer.steady_for() < lease_s:
+            return 0  # Redis just came back: live owners may not have beaten again yet
+        candidates = await self.store.active_since(lease_s)
+        if not candidates:
             return 0
-        leased = await self._pending_job_ids()
-        stuck = [Job.model_validate(dict(r)) for r in rows if r["id"] not in leased]
-        return await self._requeue(stuck, {"janitor": "recovered: no live lease"})
+        gone = {j.id: await self._owner_state(j) for j in candidates}
+        gone = {jid: st for jid, st in gone.items() if st != "alive"}
+        if not gone:
+            return 0
+        in_stream, complete = await self.consumer.job_ids_in_stream()
+        if not complete:
+            return 0
+        n = 0
+        for j in candidates:
+            if j.id in gone and j.id not in in_stream:
+                # An owner that died running it counts against the job, as a takeover would.
+                n += await self._requeue([j], {"janitor": "recovered: owner gone, no entry"},
+                                         fault=gone[j.id] == "dead")
+        return n
+
+    async def _owner_state(self, job: Job) -> str:
+        if not (job.owner_token and job.worker_id):
+            return "dead"
+        return await self.consumer.owner_state(job.worker_id, job.owner_token)
 
     async def remove_orphans(self) -> int:
         # Older than any live scan can be (a scan is killed at the container timeout).
@@ -120,41 +144,14 @@ class Janitor:
             return await self.runner.remove_labelled(older_than_s=older)
         return 0
 
-    async def _requeue(self, jobs: list[Job], detail: dict[str, Any]) -> int:
+    async def _requeue(self, jobs: list[Job], detail: dict[str, Any], fault: bool) -> int:
         n = 0
         for job in jobs:
             # The versioned write first: if two janitors ever overlap, only one re-enqueues.
-            moved = await self.store.transition(job, State.QUEUED, worker_id=self.settings
-                                                .worker_id, detail=detail)
+            moved = await self.store.transition(job, State.QUEUED,
+                                                worker_id=self.settings.worker_id,
+                                                detail=detail, add_fault=fault)
             if moved is not None:
-                await self.consumer.redis.xadd(self.settings.scan_stream,
-                                               {"job_id": str(job.id)})
+                await self.consumer.enqueue(job.id)
                 n += 1
         return n
-
-    async def _last_delivered_ms(self) -> int | None:
-        if not await self.consumer.redis.exists(self.settings.scan_stream):
-            return None
-        for g in await self.consumer.redis.xinfo_groups(self.settings.scan_stream):
-            name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
-            if name == self.settings.scan_group:
-                last = g["last-delivered-id"]
-                last = last.decode() if isinstance(last, bytes) else str(last)
-                return int(last.split("-")[0])
-        return None
-
-    async def _pending_job_ids(self) -> set[uuid.UUID]:
-        """Job ids of every entry pending in the group (bounded scan of the PEL)."""
-        r = self.consumer.redis
-        entries = await r.xpending_range(self.settings.scan_stream, self.settings.scan_group,
-                                         min="-", max="+", count=10_000)
-        pipe = r.pipeline(transaction=False)
-        for e in entries:
-            mid = e["message_id"]
-            pipe.xrange(self.settings.scan_stream, min=mid, max=mid, count=1)
-        ids: set[uuid.UUID] = set()
-        for found in await pipe.execute() if entries else []:
-            for _, fields in found:
-                with contextlib.suppress(ValueError, KeyError, AttributeError):
-                    ids.add(uuid.UUID(fields[b"job_id"].decode()))
-        return ids

@@ -1,17 +1,19 @@
 """Pydantic models for every boundary: the stream message, the container report, job rows.
 
 The container report is untrusted input (it is produced next to hostile content), so the model is
-strict: unknown keys are rejected, every string and list is bounded.
+strict: unknown keys are rejected, every string and list is bounded, and every string is made
+storable (no NUL, no lone surrogate) before it is checked.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_URL = 8192
 Url = Annotated[str, StringConstraints(max_length=MAX_URL)]
@@ -52,9 +54,41 @@ class StreamMessage(BaseModel):
 
 # --- the container report -------------------------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(s: str) -> str:
+    """`s` without NUL (PostgreSQL rejects it in text and as \\u0000 in jsonb) and with every
+    lone surrogate (JSON may escape one; UTF-8, hence PostgreSQL and orjson, cannot encode it)
+    replaced by U+FFFD."""
+    if "\x00" in s:
+        s = s.replace("\x00", "")
+    if not s.isascii():
+        s = _SURROGATE.sub("\ufffd", s)
+    return s
+
+
+def storable(value: Any) -> Any:
+    """`storable_text` applied to every string in a JSON-like value, dict keys included."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value  # numbers, bools, None, and models (already validated, hence clean)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Before the field constraints run, so the bounds apply to what will be stored. On the base
+    # class so a part validated on its own is clean too; nested parts are re-walked, which
+    # costs little next to a container run.
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return storable(data)
 
 
 class ReportError(_Strict):
@@ -156,6 +190,8 @@ class Job(BaseModel):
     worker_id: str | None = None
     error_code: str | None = None
     created_at: datetime | None = None
+    owner_token: str | None = None  # the process life of `worker_id` that owns the job
+    faults: int = 0  # failures caused by the job itself (see docs/contract.md)
 
 
 class Signal(BaseModel):

@@ -5,6 +5,7 @@ Pure data functions here; printing and argument parsing stay in cli.py.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Callable
@@ -26,11 +27,30 @@ def _s(v: Any) -> str:
 
 # --- invariants ---------------------------------------------------------------------------
 
+# Dead-letter reasons that also end the job FAILED with the reason as its error_code.
+_DEAD_LETTER_CODES = ["MAX_DELIVERIES", "MALFORMED_MESSAGE", "UNKNOWN_JOB"]
+_LIMIT = 20  # violations reported per check: enough to act on, bounded output
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckReport:
+    problems: list[str]  # violations; empty when every invariant holds
+    janitor_jobs: int  # jobs the janitor had to repair (not a violation; a health figure)
+
+
 async def check_invariants(store: Store, rds: redis.Redis, settings: Settings,
-                           containers: list[str], allow_active: bool = False) -> list[str]:
+                           containers: list[str], allow_active: bool = False) -> CheckReport:
     """Everything that must hold once the system is quiet (`allow_active`: the checks that also
-    hold while jobs run). `containers`: labelled containers of jobs in this database.
-    Returns the violations."""
+    hold while jobs run). `containers`: labelled containers of jobs in this database."""
+    problems = await _job_problems(store, allow_active)
+    if not allow_active:  # a live system: in-flight jobs hold entries and run containers
+        problems += await _group_problems(rds, settings)
+        problems += [f"container {c} labelled safeurl.job_id still exists" for c in containers]
+        problems += await _dead_letter_problems(store, rds, settings)
+    return CheckReport(problems, await _janitor_jobs(store))
+
+
+async def _job_problems(store: Store, allow_active: bool) -> list[str]:
     problems: list[str] = []
     q = store.pool.fetch
     if not allow_active:
@@ -47,6 +67,7 @@ async def check_invariants(store: Store, rds: redis.Redis, settings: Settings,
             LIMIT 20"""):
         problems.append(f"job {r['id']} audit versions broken: version {r['version']}, "
                         f"{r['n']} rows, {r['d']} distinct, {r['lo']}..{r['hi']}")
+    problems += await _audit_chain_problems(store)
     for r in await q("""
             SELECT j.id, j.state, count(r.job_id) AS n FROM scan_jobs j
             LEFT JOIN scan_results r ON r.job_id = j.id GROUP BY j.id, j.state
@@ -55,18 +76,156 @@ async def check_invariants(store: Store, rds: redis.Redis, settings: Settings,
     for r in await q("SELECT id, state FROM scan_jobs WHERE state IN ('FAILED', 'TIMED_OUT') "
                      "AND error_code IS NULL LIMIT 20"):
         problems.append(f"job {r['id']} is {r['state']} without an error_code")
-    if allow_active:  # a live system: in-flight jobs hold entries and run containers
-        return problems
-    with_group = [g for g in await _groups(rds, settings.scan_stream)
-                  if _s(g["name"]) == settings.scan_group]
-    if with_group and int(with_group[0]["pending"]):
-        problems.append(f"consumer group has {with_group[0]['pending']} pending entries")
-    problems += [f"container {c} labelled safeurl.job_id still exists" for c in containers]
-    dead: Any = await rds.xrange(settings.dead_letter_stream, count=10_000)
-    for entry_id, fields in dead:
-        if b"reason" not in fields:
-            problems.append(f"dead-letter entry {_s(entry_id)} has no reason")
     return problems
+
+
+# Each audit row must start where the previous one ended (the first where every job starts,
+# QUEUED), and the last must end in the job's current state: otherwise a state change happened
+# without its audit row, or a row was written for a change that never happened. A job without
+# rows must still be QUEUED. Rows are ordered by version (id breaks ties, which the version
+# check reports on its own).
+_AUDIT_CHAIN = """
+WITH a AS (
+    SELECT job_id, version, from_state, to_state,
+           coalesce(lag(to_state) OVER w, 'QUEUED') AS expected_from,
+           lead(id) OVER w IS NULL AS is_last
+    FROM scan_audit_log
+    WINDOW w AS (PARTITION BY job_id ORDER BY version, id)
+)
+SELECT job_id, version, from_state, expected_from, NULL AS to_state, NULL AS state
+FROM a WHERE from_state IS DISTINCT FROM expected_from
+UNION ALL
+SELECT a.job_id, a.version, NULL, NULL, a.to_state, j.state
+FROM a JOIN scan_jobs j ON j.id = a.job_id WHERE a.is_last AND a.to_state <> j.state
+UNION ALL
+SELECT j.id, 0, NULL, NULL, 'QUEUED', j.state FROM scan_jobs j
+WHERE j.state <> 'QUEUED' AND NOT EXISTS (SELECT 1 FROM scan_audit_log l WHERE l.job_id = j.id)
+ORDER BY 1, 2
+LIMIT 20
+"""
+
+
+async def _audit_chain_problems(store: Store) -> list[str]:
+    problems = []
+    for r in await store.pool.fetch(_AUDIT_CHAIN):
+        where = f"job {r['job_id']} audit chain broken at version {r['version']}"
+        if r["state"] is None:
+            problems.append(f"{where}: row starts from {r['from_state']}, "
+                            f"the chain was at {r['expected_from']}")
+        else:
+            problems.append(f"{where}: the chain ends in {r['to_state']}, "
+                            f"the job is {r['state']}")
+    return problems
+
+
+async def _group_problems(rds: redis.Redis, settings: Settings) -> list[str]:
+    problems: list[str] = []
+    for g in await _groups(rds, settings.scan_stream):
+        if _s(g["name"]) != settings.scan_group:
+            continue
+        if int(g["pending"]):
+            problems.append(f"consumer group has {g['pending']} pending entries")
+        # lag: entries nobody has read yet. None when Redis cannot tell (entries deleted).
+        if g.get("lag") is not None and int(g["lag"]):
+            problems.append(f"consumer group has lag {g['lag']} (entries never read)")
+    return problems
+
+
+async def _dead_letter_problems(store: Store, rds: redis.Redis, settings: Settings
+                                ) -> list[str]:
+    """Dead letters and dead-lettered jobs match one to one (see _DEAD_LETTER_CODES)."""
+    entries = await _read_stream(rds, settings.dead_letter_stream)
+    problems = [f"dead-letter entry {eid} has no reason"
+                for eid, fields in entries if "reason" not in fields][:_LIMIT]
+    named = [(eid, fields["reason"], _uuid_or_none(fields.get("job_id")))
+             for eid, fields in entries if "reason" in fields]
+    problems += await _entries_without_their_job(store, named)
+    problems += await _jobs_without_their_entry(
+        store, named, missing_ok=await _trimmed(rds, settings))
+    return problems
+
+
+async def _entries_without_their_job(
+        store: Store, named: list[tuple[str, str, uuid.UUID | None]]) -> list[str]:
+    """A MAX_DELIVERIES entry names a job FAILED MAX_DELIVERIES; an UNKNOWN_JOB entry names no
+    job, or one FAILED UNKNOWN_JOB. MALFORMED_MESSAGE entries need no job."""
+    ids = list({jid for _, _, jid in named if jid is not None})
+    jobs = {r["id"]: (r["state"], r["error_code"]) for r in await store.pool.fetch(
+        "SELECT id, state, error_code FROM scan_jobs WHERE id = ANY($1::uuid[])", ids)}
+    problems: list[str] = []
+    for eid, reason, jid in named:
+        job = jobs.get(jid) if jid is not None else None
+        if reason == "MAX_DELIVERIES" and job != ("FAILED", reason):
+            problems.append(f"dead-letter entry {eid} (MAX_DELIVERIES) names job "
+                            f"{jid or '(no valid job_id)'}, which is {_job_state(job)}, "
+                            "not FAILED MAX_DELIVERIES")
+        elif reason == "UNKNOWN_JOB" and job is not None and job != ("FAILED", reason):
+            problems.append(f"dead-letter entry {eid} (UNKNOWN_JOB) names job {jid}, "
+                            f"which exists ({_job_state(job)})")
+    return problems[:_LIMIT]
+
+
+async def _jobs_without_their_entry(store: Store, named: list[tuple[str, str, uuid.UUID | None]],
+                                    missing_ok: bool) -> list[str]:
+    """Each dead-lettered FAILED job has exactly one entry with its error_code as reason. After
+    a trim, old jobs may have lost theirs: then only duplicates are violations."""
+    with_job = [(jid, reason) for _, reason, jid in named if jid is not None]
+    rows = await store.pool.fetch("""
+        SELECT j.id, j.error_code, count(e.job_id) AS n
+        FROM scan_jobs j
+        LEFT JOIN unnest($1::uuid[], $2::text[]) AS e(job_id, reason)
+               ON e.job_id = j.id AND e.reason = j.error_code
+        WHERE j.state = 'FAILED' AND j.error_code = ANY($3)
+        GROUP BY j.id, j.error_code
+        HAVING count(e.job_id) > 1 OR (count(e.job_id) = 0 AND NOT $4)
+        ORDER BY j.id LIMIT 20""",
+        [jid for jid, _ in with_job], [reason for _, reason in with_job],
+        _DEAD_LETTER_CODES, missing_ok)
+    return [f"job {r['id']} is FAILED {r['error_code']} with {r['n']} dead-letter entries"
+            for r in rows]
+
+
+async def _trimmed(rds: redis.Redis, settings: Settings) -> bool:
+    """Whether entries have left the dead-letter stream (MAXLEN trim, or `dlq purge`/`replay`
+    by id): entries-added counts every XADD, length only what is left."""
+    stream = settings.dead_letter_stream
+    if not await rds.exists(stream):
+        return False
+    info: dict[str, Any] = await rds.xinfo_stream(stream)
+    length, added = int(info["length"]), info.get("entries-added")  # Redis >= 7
+    maxlen: int = getattr(settings, "dead_letter_maxlen", 10_000)
+    return (added is not None and int(added) > length) or length >= maxlen
+
+
+async def _read_stream(rds: redis.Redis, stream: str, page: int = 1000
+                       ) -> list[tuple[str, dict[str, str]]]:
+    """Every entry of a (bounded) stream, a page at a time."""
+    entries: list[tuple[str, dict[str, str]]] = []
+    start = "-"
+    while True:
+        batch: Any = await rds.xrange(stream, min=start, count=page)
+        entries += [(_s(eid), {_s(k): _s(v) for k, v in fields.items()})
+                    for eid, fields in batch]
+        if len(batch) < page:
+            return entries
+        start = f"({entries[-1][0]}"  # exclusive: after the last entry read
+
+
+def _uuid_or_none(v: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(v or "")
+    except ValueError:
+        return None
+
+
+def _job_state(job: tuple[str, str | None] | None) -> str:
+    return "missing" if job is None else " ".join(x for x in job if x)
+
+
+async def _janitor_jobs(store: Store) -> int:
+    n: int = await store.pool.fetchval(
+        "SELECT count(DISTINCT job_id) FROM scan_audit_log WHERE detail ? 'janitor'")
+    return n
 
 
 async def _groups(rds: redis.Redis, stream: str) -> list[dict[str, Any]]:
@@ -153,7 +312,7 @@ async def retry_jobs(store: Store, rds: redis.Redis, settings: Settings, *,
     for i, row in enumerate(rows, 1):
         job = Job.model_validate(dict(row))
         # The transition clears error_code and finished_at; failed jobs have no result row.
-        moved = await store.transition(job, State.QUEUED, worker_id=actor,
+        moved = await store.transition(job, State.QUEUED, worker_id=actor, reset_faults=True,
                                        detail={"retry": True, "previous_error": job.error_code})
         if moved is None:
             skipped += 1
@@ -203,7 +362,7 @@ async def dlq_replay(store: Store, rds: redis.Redis, settings: Settings, ids: li
             problems.append(f"{eid}: job {job_id} does not exist")
             continue
         if job.state in (State.FAILED, State.TIMED_OUT):
-            await store.transition(job, State.QUEUED, worker_id=actor,
+            await store.transition(job, State.QUEUED, worker_id=actor, reset_faults=True,
                                    detail={"dlq_replay": eid})
         await rds.xadd(settings.scan_stream, {"job_id": str(job_id)})
         await rds.xdel(settings.dead_letter_stream, eid)

@@ -3,6 +3,10 @@
 create -> start -> wait (under the timeout; SIGKILL on expiry) -> read capped stdout -> delete.
 The container is deleted in every case (finally), including cancellation. Only the validated
 report crosses back; the page's bytes never leave the container.
+
+Every Docker Engine call has a timeout, and a slow or hung daemon is never the target's fault:
+it raises DockerUnavailable (the worker pauses intake and runs the scan again later), and only a
+container that the daemon confirms ran past the limit is a TIMEOUT.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import dataclasses
 import enum
 import time
 import uuid
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, Protocol
 
 import aiodocker
@@ -25,7 +31,12 @@ from .models import Report
 
 LABEL_JOB = "safeurl.job_id"
 LABEL_WORKER = "safeurl.worker_id"
-_API_TIMEOUT = 30.0  # per Docker API call, so a hung daemon cannot hold a job forever
+# Per Docker API call (and for the whole stdout read), so a hung daemon cannot hold a job for
+# long: the worker pauses intake after one of these instead of timing out every scan.
+_API_TIMEOUT = 15.0
+# A liveness question (version ping, inspect after a wait timed out): a healthy daemon answers
+# in milliseconds, and the answer decides whether the target or Docker is to blame.
+_PROBE_TIMEOUT = 5.0
 
 
 class RunStatus(enum.StrEnum):
@@ -57,6 +68,20 @@ class ContainerRunner(Protocol):
 
 class DockerUnavailable(Exception):
     """The Docker daemon could not be reached: not the job's fault, so it is not failed."""
+
+
+@contextlib.contextmanager
+def _daemon_errors(any_status: bool = False) -> Iterator[None]:
+    """Raise a failure to talk to the daemon (timeout, connection, 5xx) as DockerUnavailable.
+    A 4xx (e.g. the container was removed under us) passes through unless `any_status`."""
+    try:
+        yield
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise DockerUnavailable(str(exc) or f"{type(exc).__name__}: no answer in time") from exc
+    except aiodocker.DockerError as exc:
+        if exc.status < 500 and not any_status:
+            raise
+        raise DockerUnavailable(f"{exc.status}: {exc.message}") from exc
 
 
 def container_config(settings: Settings, job_id: uuid.UUID, url: str) -> dict[str, Any]:
@@ -97,43 +122,39 @@ class Runner:
 
     async def ping(self) -> bool:
         try:
-            await asyncio.wait_for(self.docker.version(), 5)
+            await asyncio.wait_for(self.docker.version(), _PROBE_TIMEOUT)
             return True
         except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
             return False
 
     async def run(self, job_id: uuid.UUID, url: str) -> RunResult:
         started = time.monotonic()
+        container = await self._create(job_id, url)
         try:
-            container = await asyncio.wait_for(self.docker.containers.create(
-                config=container_config(self.settings, job_id, url),
-                name=f"safeurl-{job_id}-{uuid.uuid4().hex[:8]}"), _API_TIMEOUT)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise DockerUnavailable(str(exc)) from exc
-        except aiodocker.DockerError as exc:
-            # A missing image or a daemon error is the deployment's problem, not the job's.
-            raise DockerUnavailable(f"{exc.status}: {exc.message}") from exc
-        try:
-            result = await self._run_started(container)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise DockerUnavailable(str(exc)) from exc
-        except aiodocker.DockerError as exc:
-            if exc.status < 500:
-                raise
-            raise DockerUnavailable(f"{exc.status}: {exc.message}") from exc
+            # any_status: once created, a 4xx (the container vanished under a restarting
+            # daemon, or was removed) is still Docker's doing, never the target's.
+            with _daemon_errors(any_status=True):
+                result = await self._run_started(container)
         finally:
             await self._remove(container)
         return dataclasses.replace(result, seconds=time.monotonic() - started)
 
+    async def _create(self, job_id: uuid.UUID, url: str) -> Any:
+        # any_status: a missing image or a refused config is the deployment's problem, not
+        # the job's.
+        with _daemon_errors(any_status=True):
+            container = await asyncio.wait_for(self.docker.containers.create(
+                config=container_config(self.settings, job_id, url),
+                name=f"safeurl-{job_id}-{uuid.uuid4().hex[:8]}"), _API_TIMEOUT)
+        return container
+
     async def _run_started(self, container: Any) -> RunResult:
         await asyncio.wait_for(container.start(), _API_TIMEOUT)
-        timeout = self.settings.container_timeout_ms / 1000
-        try:
-            status = await asyncio.wait_for(container.wait(), timeout)
-        except TimeoutError:
+        limit = self.settings.container_timeout_ms / 1000
+        code = await self._wait(container, limit)
+        if code is None:
             await self._kill(container)
-            return RunResult(RunStatus.TIMEOUT, detail=f"no exit after {timeout:g}s")
-        code = int(status.get("StatusCode", -1))
+            return RunResult(RunStatus.TIMEOUT, detail=f"no exit after {limit:g}s")
         if code != 0:
             oom = code == 137
             return RunResult(RunStatus.CRASHED, exit_code=code,
@@ -141,14 +162,41 @@ class Runner:
         raw = await self._stdout(container)
         return parse_report(raw, self.settings.container_output_max_bytes)
 
+    async def _wait(self, container: Any, limit: float) -> int | None:
+        """The container's exit code, or None if it ran past `limit` seconds."""
+        try:
+            status = await asyncio.wait_for(container.wait(), limit)
+            return int(status.get("StatusCode", -1))
+        except TimeoutError:
+            pass
+        # wait() also times out when the daemon hangs, so ask the daemon what happened; if it
+        # does not answer, Docker is at fault, not the target.
+        try:
+            info = await asyncio.wait_for(container.show(), _PROBE_TIMEOUT)
+        except TimeoutError as exc:
+            raise DockerUnavailable(
+                f"no exit after {limit:g}s and the daemon does not answer") from exc
+        state = info.get("State") or {}
+        if state.get("Running", True):
+            # Our clock started once start() returned, after docker started the container: it
+            # has run at least `limit` seconds.
+            return None
+        # It exited while the daemon was slow to tell us: judge its own run time, by docker.
+        if _run_seconds(state) > limit:
+            return None
+        return int(state.get("ExitCode", -1))
+
     async def _stdout(self, container: Any) -> bytes:
-        """Read stdout, stopping one byte past the cap (the rest is never read)."""
+        """Read stdout, stopping one byte past the cap (the rest is never read). The container
+        has exited, so the whole read is bounded: a stalled stream is the daemon's fault."""
         cap = self.settings.container_output_max_bytes
         buf = bytearray()
-        async for chunk in container.log(stdout=True, follow=True):
-            buf += chunk.encode()
-            if len(buf) > cap:
-                break
+        async with (asyncio.timeout(_API_TIMEOUT),
+                    contextlib.aclosing(container.log(stdout=True, follow=True)) as chunks):
+            async for chunk in chunks:
+                buf += chunk.encode()
+                if len(buf) > cap:
+                    break
         return bytes(buf)
 
     async def _kill(self, container: Any) -> None:
@@ -158,18 +206,20 @@ class Runner:
             await asyncio.wait_for(container.kill(), _API_TIMEOUT)
 
     async def _remove(self, container: Any) -> None:
-        # Shielded: a cancelled job must still remove its container. A failure here leaves a
-        # labelled container that the janitor removes.
+        # Shielded: a cancelled job must still remove its container (the delete carries on
+        # while the cancellation propagates). A failure here leaves a labelled container that
+        # the janitor removes.
         with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError,
-                                 TimeoutError, asyncio.CancelledError):
+                                 TimeoutError):
             await asyncio.shield(asyncio.wait_for(container.delete(force=True), _API_TIMEOUT))
 
     async def remove_labelled(self, job_id: uuid.UUID | None = None,
                               older_than_s: float | None = None) -> int:
         """Remove containers this service created (for one job, or older than a bound)."""
         label = f"{LABEL_JOB}={job_id}" if job_id else LABEL_JOB
-        found = await self.docker.containers.list(all=True,
-                                                  filters=orjson.dumps({"label": [label]}).decode())
+        with _daemon_errors():
+            found = await asyncio.wait_for(self.docker.containers.list(
+                all=True, filters=orjson.dumps({"label": [label]}).decode()), _API_TIMEOUT)
         now = time.time()
         removed = 0
         for c in found:
@@ -178,6 +228,15 @@ class Runner:
             await self._remove(c)
             removed += 1
         return removed
+
+
+def _run_seconds(state: dict[str, Any]) -> float:
+    """An exited container's run time, from docker's own timestamps (one clock)."""
+    try:
+        return (datetime.fromisoformat(state["FinishedAt"])
+                - datetime.fromisoformat(state["StartedAt"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return 0.0  # no usable times: judge it by its exit code
 
 
 def parse_report(raw: bytes, cap: int) -> RunResult:

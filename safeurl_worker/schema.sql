@@ -24,6 +24,11 @@ BEGIN
     END IF;
 END $$;
 
+-- Ownership and fault counting (see docs/contract.md): which process life owns the job, and how
+-- many failures the job itself caused (container crashes, taking its worker down).
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS owner_token text;
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS faults integer NOT NULL DEFAULT 0;
+
 CREATE TABLE IF NOT EXISTS scan_results (
     job_id           uuid PRIMARY KEY REFERENCES scan_jobs(id),
     verdict          text NOT NULL CHECK (verdict IN ('safe', 'suspicious', 'malicious', 'unknown')),

@@ -17,14 +17,16 @@ import orjson
 
 from .models import Analysis, Job, Report, State
 
-_JOB_COLUMNS = "id, url, state, version, attempts, worker_id, error_code, created_at"
+_JOB_COLUMNS = ("id, url, state, version, attempts, worker_id, error_code, created_at, "
+                "owner_token, faults")
 _MIGRATION_LOCK = 0x5AFE0001  # advisory lock id: concurrent `migrate` runs take turns
 
 _TRANSITION = f"""
 WITH u AS (
     UPDATE scan_jobs SET
         state = $4, version = version + 1, updated_at = now(), worker_id = $5,
-        attempts = attempts + $6,
+        attempts = attempts + $6, owner_token = $10,
+        faults = CASE WHEN $12::boolean THEN 0 ELSE faults + $11 END,
         error_code = $7, error_message = $8,
         started_at = CASE WHEN $4 = 'FETCHING' THEN now() ELSE started_at END,
         finished_at = CASE WHEN $4 IN ('COMPLETED', 'FAILED', 'TIMED_OUT') THEN now() END
@@ -41,7 +43,8 @@ SELECT {_JOB_COLUMNS} FROM u
 # still versioned on the version this statement read; a concurrent claim makes it match no row
 # (PostgreSQL re-checks the WHERE clause on the newest row version). URLs that are plainly not
 # http(s) or too long are not claimed, so the worker fails them straight from QUEUED
-# (worker.url_problem stays the authority on validity).
+# (pipeline.url_problem stays the authority on validity); nor is a job that has used up its
+# faults (it is dead-lettered instead).
 _LOAD_AND_CLAIM = f"""
 WITH cur AS (
     SELECT {_JOB_COLUMNS} FROM scan_jobs WHERE id = $1
@@ -49,9 +52,10 @@ WITH cur AS (
     UPDATE scan_jobs j SET
         state = 'FETCHING', version = j.version + 1, updated_at = now(), worker_id = $2,
         attempts = j.attempts + 1, error_code = NULL, error_message = NULL,
-        started_at = now(), finished_at = NULL
+        started_at = now(), finished_at = NULL, owner_token = $4
     FROM cur WHERE j.id = cur.id AND j.version = cur.version AND j.state = 'QUEUED'
         AND length(cur.url) <= 2048 AND cur.url ~* '^https?://[^/?#[:space:]]'
+        AND j.faults < $5
     RETURNING j.id, j.version
 ), a AS (
     INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id, detail)
@@ -100,7 +104,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, size: int, min_size: int = 1) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(dsn, min_size=min(min_size, size), max_size=size,
                                      init=_init_connection, reset=_keep_session,
-                                     command_timeout=30)
+                                     command_timeout=30, timeout=10)
     assert pool is not None
     return pool
 
@@ -137,11 +141,13 @@ class Store:
                                        job_id)
         return _job(row)
 
-    async def load_and_claim(self, job_id: uuid.UUID, *, worker_id: str,
-                             detail: Mapping[str, Any]) -> tuple[Job | None, bool]:
+    async def load_and_claim(self, job_id: uuid.UUID, *, worker_id: str, owner_token: str,
+                             max_faults: int, detail: Mapping[str, Any]
+                             ) -> tuple[Job | None, bool]:
         """(job, claimed): the job as it now is (None if no such row), and whether this call
         moved it QUEUED -> FETCHING."""
-        row = await self.pool.fetchrow(_LOAD_AND_CLAIM, job_id, worker_id, dict(detail))
+        row = await self.pool.fetchrow(_LOAD_AND_CLAIM, job_id, worker_id, dict(detail),
+                                       owner_token, max_faults)
         if row is None:
             return None, False
         fields = dict(row)
@@ -149,7 +155,7 @@ class Store:
         if claimed is None:
             return _job_of(fields), False
         fields.update(state=State.FETCHING, version=claimed, worker_id=worker_id,
-                      attempts=fields["attempts"] + 1, error_code=None)
+                      attempts=fields["attempts"] + 1, error_code=None, owner_token=owner_token)
         return _job_of(fields), True
 
     async def transition(
@@ -158,15 +164,21 @@ class Store:
         to: State,
         *,
         worker_id: str,
+        owner_token: str | None = None,
         detail: Mapping[str, Any] | None = None,
         error_code: str | None = None,
         error_message: str | None = None,
         add_attempt: bool = False,
+        add_fault: bool = False,
+        reset_faults: bool = False,
     ) -> Job | None:
-        """Move `job` (as last seen) to state `to`. Returns the new row, or None on conflict."""
+        """Move `job` (as last seen) to state `to`, owned by `owner_token`. Returns the new
+        row, or None on conflict. `reset_faults`: an operator's retry gives the job a fresh
+        budget of MAX_ATTEMPTS / MAX_DELIVERIES."""
         row = await self.pool.fetchrow(
             _TRANSITION, job.id, job.version, job.state.value, to.value, worker_id,
             1 if add_attempt else 0, error_code, error_message, dict(detail or {}),
+            owner_token, 1 if add_fault else 0, reset_faults,
         )
         return _job(row)
 
@@ -195,12 +207,37 @@ class Store:
             "ORDER BY created_at DESC LIMIT 1", url_key, float(ttl_s))
         return row
 
+    async def last_audit_detail(self, job_id: uuid.UUID) -> dict[str, Any] | None:
+        """The detail of the job's newest audit row."""
+        detail: dict[str, Any] | None = await self.pool.fetchval(
+            "SELECT detail FROM scan_audit_log WHERE job_id = $1 ORDER BY version DESC LIMIT 1",
+            job_id)
+        return detail
+
     async def audit_op(self, job_id: uuid.UUID, version: int) -> str | None:
         """The write token recorded in the audit row that made `version`."""
         op: str | None = await self.pool.fetchval(
             "SELECT detail->>'op' FROM scan_audit_log WHERE job_id = $1 AND version = $2",
             job_id, version)
         return op
+
+    # --- the janitor's queries ---------------------------------------------------------------
+
+    async def queued_since(self, seconds: float, limit: int = 500) -> list[Job]:
+        """QUEUED jobs untouched for `seconds` (candidates for a lost XADD)."""
+        rows = await self.pool.fetch(
+            f"SELECT {_JOB_COLUMNS} FROM scan_jobs WHERE state = 'QUEUED' "
+            "AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+            float(seconds), limit)
+        return [_job_of(dict(r)) for r in rows]
+
+    async def active_since(self, seconds: float, limit: int = 500) -> list[Job]:
+        """FETCHING/ANALYZING jobs untouched for `seconds` (candidates for a dead owner)."""
+        rows = await self.pool.fetch(
+            f"SELECT {_JOB_COLUMNS} FROM scan_jobs WHERE state IN ('FETCHING', 'ANALYZING') "
+            "AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+            float(seconds), limit)
+        return [_job_of(dict(r)) for r in rows]
 
     async def job_view(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         """A job with its result and audit trail, for `status JOB_ID` and `submit --wait`."""

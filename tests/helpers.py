@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,17 @@ async def wait_all_terminal(store: Store, ids: list[uuid.UUID], timeout: float) 
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"only {n} of {len(ids)} jobs terminal after {timeout}s")
+
+
+async def wait_until(probe: Callable[[], Awaitable[object]], want: object,
+                     timeout: float) -> None:
+    """Poll `probe` until it returns `want`; fail with the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    got = await probe()
+    while got != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        got = await probe()
+    assert got == want, f"still {got!r} (want {want!r}) after {timeout}s"
 
 
 async def audit(store: Store, job_id: uuid.UUID) -> list[tuple[str | None, str, int]]:
@@ -139,3 +152,8 @@ async def check(settings: Settings) -> str:
     return text
 
 
+def janitor_jobs(output: str) -> int:
+    """The `janitor repaired N job(s)` count from `check`'s output."""
+    found = re.search(r"^janitor repaired (\d+) job\(s\)$", output, re.MULTILINE)
+    assert found, f"no janitor count in check output:\n{output}"
+    return int(found.group(1))

@@ -217,13 +217,15 @@ async def test_check_passes_when_settled_and_fails_on_a_broken_invariant(
     broken = await check_cli(settings)
     assert broken.code == 1, broken.stdout
     assert f"VIOLATION job {ids[0]} audit versions broken" in broken.stdout, broken.stdout
-    assert "1 violation(s)" in broken.stdout
+    # ...and its chain: version 3 starts from ANALYZING, where version 2 used to lead.
+    assert f"VIOLATION job {ids[0]} audit chain broken at version 3" in broken.stdout
+    assert "2 violation(s)" in broken.stdout
     # A COMPLETED job without its result row is a second violation.
     await store.pool.execute("DELETE FROM scan_results WHERE job_id = $1", ids[1])
     broken = await check_cli(settings)
     assert broken.code == 1
     assert f"VIOLATION job {ids[1]} is COMPLETED with 0 result rows" in broken.stdout
-    assert "2 violation(s)" in broken.stdout
+    assert "3 violation(s)" in broken.stdout
     # A job left QUEUED is a violation, unless --allow-active.
     queued = await store.insert_job("http://site-a.test/")
     assert f"job {queued} is not terminal (QUEUED)" in (await check_cli(settings)).stdout

@@ -39,7 +39,7 @@ BOUNDED: dict[str, set[str]] = {
     "result": {"ok", "timeout", "crashed", "output_invalid"},
     "reason": {"malformed_message", "unknown_job", "max_deliveries"},
     "verdict": {"safe", "suspicious", "malicious", "unknown"},
-    "action": {"requeued", "recovered", "containers_removed"},
+    "action": {"requeued", "recovered", "containers_removed", "consumers_removed"},
     "dependency": {"redis", "postgres", "docker"},
 }
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)

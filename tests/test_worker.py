@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as redis
 
 from safeurl_worker.config import Settings
+from safeurl_worker.pipeline import url_problem
 from safeurl_worker.store import Store
-from safeurl_worker.worker import url_problem
 
 from .conftest import TestNet, running_worker
 from .helpers import (
@@ -24,6 +24,7 @@ from .helpers import (
     submit,
     wait_all_terminal,
     wait_terminal,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,17 @@ async def test_hanging_target_times_out_within_limit(
         await asyncio.sleep(0.1)
         assert await pending(rds, settings) == 0
         assert labelled_containers(job_id) == []
+
+
+async def test_page_with_a_nul_byte_in_its_title_is_stored(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    async with running_worker(settings):
+        job_id = await submit(store, rds, settings, "http://site-a.test/nul-title")
+        job = await wait_terminal(store, job_id)
+        assert job["state"] == "COMPLETED" and job["attempts"] == 1, job
+        title = await store.pool.fetchval("SELECT title FROM scan_results WHERE job_id=$1",
+                                          job_id)
+        assert title == "NulTitle"
 
 
 async def test_crashing_container_fails_with_container_error_after_retries(
@@ -132,7 +144,8 @@ async def test_same_job_xadded_twice_runs_once(
         job_id = await submit(store, rds, settings, "http://site-a.test/")
         await rds.xadd(settings.scan_stream, {"job_id": str(job_id)})
         await wait_terminal(store, job_id)
-        await asyncio.sleep(0.5)
+        # The second copy is kept until the job is terminal, then acked (one renewal later).
+        await wait_until(lambda: pending(rds, settings), 0, timeout=10)
         assert [a[2] for a in await audit(store, job_id)] == [1, 2, 3]
         n = await store.pool.fetchval("SELECT count(*) FROM scan_results WHERE job_id=$1", job_id)
         assert n == 1
@@ -150,7 +163,9 @@ async def test_two_workers_never_both_complete_a_job(
         for job_id in ids:  # every job delivered twice: both workers race for each
             await rds.xadd(a.scan_stream, {"job_id": str(job_id)})
         await wait_all_terminal(store, ids, timeout=120)
-        await asyncio.sleep(0.5)
+        # The loser of each race holds its copy until the winner's job is terminal, then acks
+        # it (within one renewal interval).
+        await wait_until(lambda: pending(rds, a), 0, timeout=10)
     rows = await store.pool.fetch(
         "SELECT job_id, count(*) AS n FROM scan_audit_log WHERE to_state = 'COMPLETED' "
         "GROUP BY job_id")

@@ -82,6 +82,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, LOGIN_CROSS)
         elif path == "/meta":
             self._send(200, META_REFRESH)
+        elif path == "/nul-title":  # PostgreSQL refuses NUL in text and jsonb
+            self._send(200, b"<html><head><title>Nul\x00Title</title></head><body>x</body></html>")
         elif path == "/meta-delayed":
             self._send(200, META_REFRESH_DELAYED)
         elif path == "/obfuscated":

@@ -1,0 +1,193 @@
+"""`safeurl-worker check` against real PostgreSQL and Redis: the audit chain, dead letters matching
+their FAILED jobs, consumer-group lag, and the janitor count. Each violation is made by hand (SQL
+or a raw XADD) on an otherwise clean history, and check must name exactly it."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis.asyncio as redis
+
+from safeurl_worker.config import Settings
+from safeurl_worker.models import Analysis, Job, Report, State, Verdict
+from safeurl_worker.ops import check_invariants
+from safeurl_worker.store import Store
+
+from .helpers import check, janitor_jobs
+
+pytestmark = pytest.mark.integration
+
+W = "w-test"
+
+
+async def _job(store: Store) -> Job:
+    job = await store.get_job(await store.insert_job("http://a.test/"))
+    assert job is not None
+    return job
+
+
+async def _move(store: Store, job: Job, *states: State, **kwargs: object) -> Job:
+    for state in states:
+        moved = await store.transition(job, state, worker_id=W, **kwargs)  # type: ignore[arg-type]
+        assert moved is not None
+        job = moved
+    return job
+
+
+async def _completed(store: Store, requeued_by_janitor: bool = False) -> uuid.UUID:
+    """A job that went the normal way (optionally with one janitor repair on the way)."""
+    job = await _move(store, await _job(store), State.FETCHING)
+    if requeued_by_janitor:
+        job = await _move(store, job, State.QUEUED, detail={"janitor": "recovered"})
+        job = await _move(store, job, State.FETCHING)
+    job = await _move(store, job, State.ANALYZING)
+    report = Report(fetcher_version="1", requested_url=job.url)
+    analysis = Analysis(verdict=Verdict.SAFE, score=0, signals=[], analyzer_version="t")
+    assert await store.complete(job, worker_id=W, report=report, analysis=analysis,
+                                url_key=None) is not None
+    return job.id
+
+
+async def _failed(store: Store, code: str) -> uuid.UUID:
+    job = await _move(store, await _job(store), State.FAILED, error_code=code)
+    return job.id
+
+
+async def _dead_letter(rds: redis.Redis, settings: Settings, reason: str | None,
+                       job_id: uuid.UUID | str | None) -> str:
+    """An entry as the worker writes it: the message's fields, then the dead-letter ones."""
+    fields = {"job_id": str(job_id)} if job_id is not None else {"junk": "x"}
+    fields |= {"original_id": "1-0", "deliveries": "6", "consumer": W}
+    if reason is not None:
+        fields["reason"] = reason
+    eid: bytes = await rds.xadd(settings.dead_letter_stream, fields)  # type: ignore[arg-type]
+    return eid.decode()
+
+
+async def _quiet_group(rds: redis.Redis, settings: Settings) -> None:
+    """The group has read and acknowledged everything: pending 0, lag 0."""
+    await rds.xgroup_create(settings.scan_stream, settings.scan_group, id="0", mkstream=True)
+    await rds.xadd(settings.scan_stream, {"job_id": str(uuid.uuid4())})
+    read = await rds.xreadgroup(settings.scan_group, W, {settings.scan_stream: ">"})
+    await rds.xack(settings.scan_stream, settings.scan_group, read[0][1][0][0])
+
+
+async def _problems(store: Store, rds: redis.Redis, settings: Settings,
+                    allow_active: bool = False) -> list[str]:
+    report = await check_invariants(store, rds, settings, [], allow_active=allow_active)
+    return report.problems
+
+
+async def test_clean_history_passes(settings: Settings, store: Store, rds: redis.Redis) -> None:
+    await _completed(store)
+    poisoned = await _failed(store, "MAX_DELIVERIES")
+    await _failed(store, "INVALID_URL")
+    await _dead_letter(rds, settings, "MAX_DELIVERIES", poisoned)
+    await _dead_letter(rds, settings, "UNKNOWN_JOB", uuid.uuid4())  # a job that never appeared
+    await _dead_letter(rds, settings, "MALFORMED_MESSAGE", None)
+    await _dead_letter(rds, settings, "MALFORMED_MESSAGE", "not-a-uuid")
+    await _quiet_group(rds, settings)
+    report = await check_invariants(store, rds, settings, [])
+    assert report.problems == []
+    assert report.janitor_jobs == 0
+    out = await check(settings)  # the CLI prints the same verdict and the janitor count
+    assert "all invariants hold" in out
+    assert janitor_jobs(out) == 0
+
+
+async def test_audit_row_that_does_not_start_where_the_last_ended(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    job_id = await _completed(store)  # versions 1..3, ending COMPLETED
+    # A 4th row, with the job's version to match, claiming to start from FETCHING: the version
+    # check is satisfied, the chain is not.
+    await store.pool.execute(
+        "INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id) "
+        "VALUES ($1, 'FETCHING', 'COMPLETED', 4, 'intruder')", job_id)
+    await store.pool.execute("UPDATE scan_jobs SET version = 4 WHERE id = $1", job_id)
+    assert await _problems(store, rds, settings) == [
+        f"job {job_id} audit chain broken at version 4: row starts from FETCHING, "
+        "the chain was at COMPLETED"]
+    # The first row must start from QUEUED.
+    await store.pool.execute("UPDATE scan_audit_log SET from_state = 'FETCHING' "
+                             "WHERE job_id = $1 AND version = 1", job_id)
+    assert (f"job {job_id} audit chain broken at version 1: row starts from FETCHING, "
+            "the chain was at QUEUED") in await _problems(store, rds, settings)
+
+
+async def test_state_changed_without_an_audit_row(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    failed = await _failed(store, "INVALID_URL")
+    await store.pool.execute("UPDATE scan_jobs SET state = 'TIMED_OUT' WHERE id = $1", failed)
+    never_moved = (await _job(store)).id
+    await store.pool.execute("UPDATE scan_jobs SET state = 'FAILED', error_code = 'TIMEOUT' "
+                             "WHERE id = $1", never_moved)
+    problems = await _problems(store, rds, settings, allow_active=True)
+    assert sorted(problems) == sorted([
+        f"job {failed} audit chain broken at version 1: the chain ends in FAILED, "
+        "the job is TIMED_OUT",
+        f"job {never_moved} audit chain broken at version 0: the chain ends in QUEUED, "
+        "the job is FAILED"])
+
+
+async def test_dead_lettered_job_without_its_entry(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    job_id = await _failed(store, "MAX_DELIVERIES")
+    assert await _problems(store, rds, settings) == [
+        f"job {job_id} is FAILED MAX_DELIVERIES with 0 dead-letter entries"]
+    assert await _problems(store, rds, settings, allow_active=True) == []
+    # An entry with another reason does not count for it.
+    await _dead_letter(rds, settings, "MALFORMED_MESSAGE", job_id)
+    assert len(await _problems(store, rds, settings)) == 1
+    # Once entries have left the stream (trimmed or deleted), a missing one may be old history.
+    gone = await _dead_letter(rds, settings, "MALFORMED_MESSAGE", None)
+    await rds.xdel(settings.dead_letter_stream, gone)
+    assert await _problems(store, rds, settings) == []
+
+
+async def test_dead_lettered_job_with_two_entries(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    job_id = await _failed(store, "MAX_DELIVERIES")
+    for _ in range(2):
+        await _dead_letter(rds, settings, "MAX_DELIVERIES", job_id)
+    gone = await _dead_letter(rds, settings, "MALFORMED_MESSAGE", None)
+    await rds.xdel(settings.dead_letter_stream, gone)  # trimmed: duplicates still count
+    assert await _problems(store, rds, settings) == [
+        f"job {job_id} is FAILED MAX_DELIVERIES with 2 dead-letter entries"]
+
+
+async def test_dead_letter_entries_without_their_job(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    ghost = uuid.uuid4()
+    no_job = await _dead_letter(rds, settings, "MAX_DELIVERIES", ghost)
+    completed = await _completed(store)
+    wrong_job = await _dead_letter(rds, settings, "MAX_DELIVERIES", completed)
+    known = await _dead_letter(rds, settings, "UNKNOWN_JOB", completed)
+    reasonless = await _dead_letter(rds, settings, None, uuid.uuid4())
+    assert sorted(await _problems(store, rds, settings)) == sorted([
+        f"dead-letter entry {no_job} (MAX_DELIVERIES) names job {ghost}, which is missing, "
+        "not FAILED MAX_DELIVERIES",
+        f"dead-letter entry {wrong_job} (MAX_DELIVERIES) names job {completed}, which is "
+        "COMPLETED, not FAILED MAX_DELIVERIES",
+        f"dead-letter entry {known} (UNKNOWN_JOB) names job {completed}, which exists "
+        "(COMPLETED)",
+        f"dead-letter entry {reasonless} has no reason"])
+
+
+async def test_consumer_group_lag(settings: Settings, store: Store, rds: redis.Redis) -> None:
+    # A group that has never read its one entry: nothing pending, but the entry waits.
+    await rds.xgroup_create(settings.scan_stream, settings.scan_group, id="0", mkstream=True)
+    await rds.xadd(settings.scan_stream, {"job_id": str(uuid.uuid4())})
+    assert await _problems(store, rds, settings) == [
+        "consumer group has lag 1 (entries never read)"]
+    assert await _problems(store, rds, settings, allow_active=True) == []
+
+
+async def test_janitor_repairs_are_counted_not_violations(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    await _completed(store)
+    await _completed(store, requeued_by_janitor=True)
+    report = await check_invariants(store, rds, settings, [])
+    assert report.problems == []
+    assert report.janitor_jobs == 1
+    assert janitor_jobs(await check(settings)) == 1
