@@ -116,10 +116,10 @@ class Fleet:
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, worker_id: str) -> subprocess.Popen[bytes]:
+    def start(self, worker_id: str, **env: str) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{worker_id}.log", "ab")  # noqa: SIM115 - lives with the proc
-        p = subprocess.Popen([CLI, "run"], env=env_of(self.settings, worker_id), stdout=log,
-                             stderr=subprocess.STDOUT)
+        p = subprocess.Popen([CLI, "run"], env={**env_of(self.settings, worker_id), **env},
+                             stdout=log, stderr=subprocess.STDOUT)
         self.procs[worker_id] = p
         return p
 

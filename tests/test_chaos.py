@@ -8,13 +8,18 @@ every job to settle and runs `safeurl-worker check`. Figures are printed (pytest
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -308,12 +313,15 @@ async def states(store: Store, ids: list[uuid.UUID]) -> dict[str, int]:
 async def test_worker_waits_for_postgres_at_startup_and_honours_sigterm_meanwhile(
         fast_fleet: Fleet, fast: Settings, store: Store, rds: redis.Redis) -> None:
     await sh(_pg_ctl("stop", "-m", "fast", "-w"))
+    port = free_port()
     try:
         early = fast_fleet.start("s0")
-        fast_fleet.start("s1")
+        fast_fleet.start("s1", METRICS_PORT=str(port))
         await asyncio.sleep(4)
         assert sorted(fast_fleet.alive()) == ["s0", "s1"], fast_fleet.log("s1")[-2000:]
         assert "waiting for postgres" in fast_fleet.log("s1")
+        status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/readyz")
+        assert status == 503 and "postgres" in body["reasons"], body  # not ready, and why
         t0 = time.monotonic()
         early.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(early.wait, 10) == 0
@@ -323,6 +331,21 @@ async def test_worker_waits_for_postgres_at_startup_and_honours_sigterm_meanwhil
     ids = await submit_many(store, rds, fast, 12)
     await settle_and_check(fast_fleet, fast, store, ids)
     assert await states(store, ids) == {"COMPLETED/None": 12}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 async def test_stream_deleted_mid_run_is_recreated_and_lost_jobs_recovered(
