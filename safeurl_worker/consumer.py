@@ -364,13 +364,15 @@ class Consumer:
         async with self._talk():
             if not await self.redis.exists(self.stream):
                 return set(), True
+            # The delivery cursor first: an entry delivered while we look is then still found,
+            # in the tail if not yet in the pending list.
+            last = await self._last_delivered()
             pend = await self.redis.xpending_range(self.stream, self.group, min="-", max="+",
                                                    count=limit)
             pipe = self.redis.pipeline(transaction=False)
             for e in pend:
                 pipe.xrange(self.stream, min=e["message_id"], max=e["message_id"], count=1)
             found = list(await pipe.execute()) if pend else []
-            last = await self._last_delivered()
             tail: Any = await self.redis.xrange(self.stream, min=f"({last}", max="+",
                                                 count=limit)
         ids: set[uuid.UUID] = set()

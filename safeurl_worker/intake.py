@@ -73,6 +73,9 @@ class Intake:
         read until stopped; drain on the way out."""
         try:
             mine = await self._start_up()
+            if mine is None:
+                log.info("stopped during start-up")  # nothing taken, nothing to hand back
+                return
         except Exception as exc:
             if self.stopping.is_set() and is_transient(exc):
                 log.info("stopped while waiting for redis")  # nothing taken, nothing to hand back
@@ -97,8 +100,10 @@ class Intake:
             await asyncio.gather(reclaim, *beat, return_exceptions=True)
             await self._hand_back(deadline)
 
-    async def _start_up(self) -> list[Message]:
+    async def _start_up(self) -> list[Message] | None:
         await retrying("redis", self._wait_for_previous_life, self.stopping, self.on_error)
+        if self.stopping.is_set():  # never beat over a heartbeat that may be a live twin's
+            return None
         await retrying("redis", self._beat, self.stopping, self.on_error)
         await retrying("redis", self.consumer.ensure_group, self.stopping, self.on_error)
         return await retrying("redis", lambda: self.consumer.adopt(0, set(), 10_000),
@@ -283,8 +288,9 @@ class Intake:
 
     async def _reclaim_loop(self) -> None:
         """Twice a second, take over entries of replicas that stopped beating, even when all
-        slots are busy: they wait in the semaphore's FIFO queue ahead of the read loop, so a
-        dead replica's jobs never wait behind a backlog. At most one extra batch of
+        slots are busy: they wait in the semaphore's FIFO queue behind at most the one read
+        already waiting, so a dead replica's jobs never wait behind a backlog. At most one
+        extra batch of
         `WORKER_CONCURRENCY` is held this way. Only once Redis has answered us for a whole
         lease: after an outage every live owner must have had the chance to beat again."""
         lease = self.settings.lease_timeout_ms
@@ -292,7 +298,7 @@ class Intake:
         while not self.stopping.is_set():
             await asyncio.sleep(interval)
             room = 2 * self.settings.worker_concurrency - len(self._inflight)
-            if room <= 0 or not self.docker_ready.is_set() or \
+            if self.stopping.is_set() or room <= 0 or not self.docker_ready.is_set() or \
                     self.consumer.steady_for() * 1000 < lease:
                 continue
             try:

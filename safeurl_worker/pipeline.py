@@ -306,9 +306,9 @@ class Pipeline:
                 self.owner.on_error("docker", exc)
                 if self.owner.stopping.is_set():
                     raise DependencyDown("docker", str(exc)) from exc
+                # The runner removed its own container; never remove by the job's label here,
+                # it may be a new owner's run.
                 await pause(self.owner.stopping, backoff(attempt, base=0.5, cap=5))
-                with contextlib.suppress(Exception):  # leftovers of the failed attempt
-                    await self.runner.remove_labelled(owned.id)
                 continue
             self.docker_ready.set()
             self.metrics.container_runs.labels(result.status.value).inc()

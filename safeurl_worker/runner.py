@@ -142,11 +142,23 @@ class Runner:
     async def _create(self, job_id: uuid.UUID, url: str) -> Any:
         # any_status: a missing image or a refused config is the deployment's problem, not
         # the job's.
-        with _daemon_errors(any_status=True):
-            container = await asyncio.wait_for(self.docker.containers.create(
-                config=container_config(self.settings, job_id, url),
-                name=f"safeurl-{job_id}-{uuid.uuid4().hex[:8]}"), _API_TIMEOUT)
-        return container
+        name = f"safeurl-{job_id}-{uuid.uuid4().hex[:8]}"
+        create = asyncio.ensure_future(asyncio.wait_for(self.docker.containers.create(
+            config=container_config(self.settings, job_id, url), name=name), _API_TIMEOUT))
+        try:
+            with _daemon_errors(any_status=True):
+                return await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # The daemon may be making it right now: let the call finish, then remove what it
+            # made (by its own name, never by the job's label: after a takeover that label is
+            # also on another replica's run).
+            with contextlib.suppress(Exception):
+                await create
+            await self._remove(self.docker.containers.container(name))
+            raise
+        except DockerUnavailable:
+            await self._remove(self.docker.containers.container(name))  # in case it was made
+            raise
 
     async def _run_started(self, container: Any) -> RunResult:
         await asyncio.wait_for(container.start(), _API_TIMEOUT)

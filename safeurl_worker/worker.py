@@ -217,8 +217,10 @@ class Worker:
                 self.metrics.jobs.labels("failed").inc()
             log.warning("message dead-lettered", extra={**extra, "reason": outcome.reason})
             return
-        else:
-            log.debug("message not settled here", extra=extra)
+        else:  # Duplicate, SetAside, Released: visible, so a stuck message can be explained
+            why = getattr(outcome, "why", None) or ("fault" if getattr(outcome, "fault", False)
+                                                    else None)
+            log.info("message not settled here", extra={**extra, "why": why})
             return
         self.metrics.stage.labels("total").observe(total)
         log.info("job finished", extra={**extra, "job_id": str(outcome.job.id),

@@ -569,7 +569,7 @@ async def test_docker_unavailable_is_waited_out_without_a_fault() -> None:
     row = h.store.jobs[job.id]
     assert (row.state, row.attempts, row.faults) == (State.COMPLETED, 1, 0)
     assert h.events == [*HAPPY, ("ack", m.message_id)]  # no retry transitions
-    assert h.runner.removed == [job.id] * 3  # leftovers of each failed attempt
+    assert h.runner.removed == []  # never by the job label: it may be a new owner's run
     assert h.count("safeurl_transient_errors_total", dependency="docker") == 3
 
 
