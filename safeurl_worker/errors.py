@@ -80,6 +80,7 @@ async def retrying(dependency: str, fn: Callable[[], Awaitable[T]], stopping: as
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            cancelled_under_us()
             attempt += 1
             on_error(dependency, exc)
             if stopping.is_set() and attempt >= 3:
@@ -88,6 +89,14 @@ async def retrying(dependency: str, fn: Callable[[], Awaitable[T]], stopping: as
                 await asyncio.sleep(0.2)
             else:
                 await pause(stopping, backoff(attempt, cap=cap))
+
+
+def cancelled_under_us() -> None:
+    """Re-raise a cancellation that a client library turned into a connection error (a task
+    cancelled mid-command may surface as one), so a loop or a retry never outlives its cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def pause(stopping: asyncio.Event, seconds: float) -> None:

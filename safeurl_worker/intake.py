@@ -29,7 +29,7 @@ from typing import Any
 
 from .config import Settings
 from .consumer import STOPPED, Consumer, Message
-from .errors import backoff, is_transient, pause, retrying
+from .errors import backoff, cancelled_under_us, is_transient, pause, retrying
 from .metrics import Metrics
 
 log = logging.getLogger("safeurl.intake")
@@ -146,6 +146,7 @@ class Intake:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
+                cancelled_under_us()
                 errors += 1
                 self.on_error("redis", exc)
                 await pause(self.stopping, backoff(errors, cap=2))
@@ -258,6 +259,7 @@ class Intake:
                 self._loop_error(exc)
 
     def _loop_error(self, exc: Exception) -> None:
+        cancelled_under_us()
         if not is_transient(exc):
             log.exception("intake round failed")
         self.on_error("redis", exc)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from . import analysis
 from .config import Settings
-from .errors import DependencyDown, backoff, pause, retrying
+from .errors import DependencyDown, backoff, cancelled_under_us, pause, retrying
 from .job import Conflict, OwnedJob, Owner
 from .metrics import Metrics
 from .models import Analysis, Job, Report, State, StreamMessage
@@ -299,6 +299,7 @@ class Pipeline:
             try:
                 result = await self.runner.run(owned.id, owned.job.url)
             except (DockerUnavailable, DependencyDown) as exc:
+                cancelled_under_us()
                 attempt += 1
                 if self.docker_ready.is_set():
                     log.error("docker unreachable; pausing intake", extra={"error": str(exc)})

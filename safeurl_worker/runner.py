@@ -119,6 +119,9 @@ class Runner:
     def __init__(self, settings: Settings, docker: aiodocker.Docker) -> None:
         self.settings = settings
         self.docker = docker
+        # Our own containers whose removal failed (Docker down): removed by id as soon as Docker
+        # answers again, never by the job's label (that may be a new owner's run by then).
+        self._leftovers: set[str] = set()
 
     async def ping(self) -> bool:
         try:
@@ -129,6 +132,7 @@ class Runner:
 
     async def run(self, job_id: uuid.UUID, url: str) -> RunResult:
         started = time.monotonic()
+        await self._remove_leftovers()
         container = await self._create(job_id, url)
         try:
             # any_status: once created, a 4xx (the container vanished under a restarting
@@ -219,11 +223,20 @@ class Runner:
 
     async def _remove(self, container: Any) -> None:
         # Shielded: a cancelled job must still remove its container (the delete carries on
-        # while the cancellation propagates). A failure here leaves a labelled container that
-        # the janitor removes.
-        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError,
-                                 TimeoutError):
+        # while the cancellation propagates). A failure is remembered and retried on the next
+        # run (and the janitor removes labelled orphans in any case).
+        try:
             await asyncio.shield(asyncio.wait_for(container.delete(force=True), _API_TIMEOUT))
+            self._leftovers.discard(container.id)
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:  # 404: already gone
+                self._leftovers.add(container.id)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            self._leftovers.add(container.id)
+
+    async def _remove_leftovers(self) -> None:
+        for cid in list(self._leftovers):
+            await self._remove(self.docker.containers.container(cid))
 
     async def remove_labelled(self, job_id: uuid.UUID | None = None,
                               older_than_s: float | None = None) -> int:

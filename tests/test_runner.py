@@ -88,6 +88,7 @@ class FakeDaemon:
         self.deleted = False
         self.waiting = asyncio.Event()  # wait() was called: the container is running
         self.containers = self  # docker.containers.create / .list
+        self.id = "fake-container"
 
     async def _answer(self, name: str) -> None:
         self.calls.append(name)
@@ -244,4 +245,18 @@ async def test_cancelled_run_still_deletes_its_container() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert daemon.deleted
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+async def test_container_that_could_not_be_removed_is_removed_by_the_next_run() -> None:
+    daemon = FakeDaemon(hang={"delete"})  # Docker stops answering as the scan ends
+    runner = make_runner(daemon)
+    await runner.run(uuid.uuid4(), "http://a.test/")
+    assert not daemon.deleted
+    daemon.hang = set()  # Docker is back
+    daemon.calls.clear()
+    await runner.run(uuid.uuid4(), "http://a.test/")
+    # The leftover goes first, by its own id (a handle, no label search), then the new run.
+    assert daemon.calls[:3] == ["container", "delete", "create"]
     assert daemon.deleted
