@@ -75,7 +75,7 @@ class OursResult:
 async def _worker_main(delay_s: float) -> None:
     settings = Settings()
     async with wired_worker(settings, runner=StubRunner(delay_s)) as worker:
-        _install_signals(worker)
+        _install_signals(worker.stopping)
         await worker.run()
 
 
