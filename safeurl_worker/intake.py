@@ -62,6 +62,7 @@ class Intake:
         self.taking_jobs = False
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._inflight: dict[str, InFlight] = {}
+        self._loops_done = asyncio.Event()
 
     def on_error(self, dependency: str, exc: BaseException) -> None:
         self.metrics.errors.labels(dependency).inc()
@@ -95,9 +96,12 @@ class Intake:
             deadline = time.monotonic() + self.settings.shutdown_grace_s
             reclaim.cancel()
             await self._drain(deadline)  # still beating: nobody takes our running jobs
+            # The loops end on this flag as well as on cancel: a cancel that lands inside a
+            # client library call may be lost there, and shutdown must not wait on it.
+            self._loops_done.set()
             for t in [reclaim, *beat]:
                 t.cancel()
-            await asyncio.gather(reclaim, *beat, return_exceptions=True)
+            await asyncio.wait([reclaim, *beat], timeout=2)
             await self._hand_back(deadline)
 
     async def _start_up(self) -> list[Message] | None:
@@ -236,7 +240,7 @@ class Intake:
         """The heartbeat every LEASE_RENEW_MS, in a loop of its own. After an error it tries
         again within half a second, so a live owner beats again soon after Redis is back."""
         interval = self.settings.lease_renew_ms / 1000
-        while True:
+        while not self._loops_done.is_set():
             try:
                 await self._beat()
                 if await self.consumer.check_restart():
@@ -250,7 +254,7 @@ class Intake:
     async def _lease_loop(self) -> None:
         """Lease renewal and adoption every LEASE_RENEW_MS."""
         interval = self.settings.lease_renew_ms / 1000
-        while True:
+        while not self._loops_done.is_set():
             await asyncio.sleep(interval)
             try:
                 await self._renew()
