@@ -30,6 +30,9 @@ _PG_TRANSIENT_STATES = {"25006", "55P03", "55006"}  # read-only transaction, loc
 # disk write, a cluster in motion.
 _REDIS_TRANSIENT_PREFIXES = ("READONLY", "LOADING", "OOM", "MISCONF", "MASTERDOWN", "TRYAGAIN",
                              "CLUSTERDOWN", "NOREPLICAS", "BUSY ", "NOGROUP")
+# uvloop raises a bare RuntimeError, not a ConnectionError, when a client writes to a connection
+# the server has just closed (MagicStack/uvloop#506): a lost connection all the same.
+_UVLOOP_CLOSED = "the handler is closed"
 
 
 class DependencyDown(Exception):
@@ -43,6 +46,8 @@ class DependencyDown(Exception):
 def is_transient(exc: BaseException) -> bool:
     """True for errors of a dependency that is down, restarting, read-only or slow."""
     if isinstance(exc, DependencyDown | ConnectionError | TimeoutError | OSError):
+        return True
+    if isinstance(exc, RuntimeError) and _UVLOOP_CLOSED in str(exc):
         return True
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
                    | redis.exceptions.BusyLoadingError | redis.exceptions.ReadOnlyError):

@@ -448,9 +448,9 @@ def _db_name(settings: Settings) -> str:
     return settings.database_url.rsplit("/", 1)[1]
 
 
-async def _set_read_only(settings: Settings, on: bool) -> None:
+async def _set_read_only(settings: Settings, store: Store, on: bool) -> None:
     """Make the test's database refuse writes (as after a failover, or a full disk), and
-    drop its sessions so every new one sees it."""
+    drop its sessions so every new one sees it (the test's own pool reconnects too)."""
     db = _db_name(settings)
     admin = await asyncpg.connect(ADMIN_DSN)
     try:
@@ -461,6 +461,7 @@ async def _set_read_only(settings: Settings, on: bool) -> None:
                             "WHERE datname = $1 AND pid <> pg_backend_pid()", db)
     finally:
         await admin.close()
+    await store.pool.expire_connections()
 
 
 async def test_postgres_refusing_writes_fails_no_job(
@@ -469,11 +470,11 @@ async def test_postgres_refusing_writes_fails_no_job(
         fast_fleet.start(w)
     ids = await submit_many(store, rds, fast, 40)
     await wait_until_holding(rds, fast, "ro1", minimum=2)
-    await _set_read_only(fast, True)
+    await _set_read_only(fast, store, True)
     try:
         await asyncio.sleep(10)  # longer than a lease: nothing may be taken over or failed
     finally:
-        await _set_read_only(fast, False)
+        await _set_read_only(fast, store, False)
     await settle_and_check(fast_fleet, fast, store, ids)
     assert await states(store, ids) == {"COMPLETED/None": 40}
     faults = await store.pool.fetchval("SELECT sum(faults) FROM scan_jobs")

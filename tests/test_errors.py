@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 import redis.exceptions as rexc
+import uvloop
 
 from safeurl_worker.errors import (
     DependencyDown,
@@ -100,3 +101,25 @@ async def test_a_cancellation_disguised_as_a_connection_error_is_not_retried() -
 
 async def test_cancelled_under_us_is_quiet_in_a_task_nobody_cancelled() -> None:
     cancelled_under_us()
+
+
+def test_a_write_to_a_connection_the_server_closed_under_uvloop_is_transient() -> None:
+    """The worker runs on uvloop, which reports this as a RuntimeError (a Redis restart during
+    a command once took a worker down that way)."""
+    async def write_after_close() -> BaseException:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.transport.abort()
+        await asyncio.sleep(0.05)  # the loop closes the handle on its next turn
+        try:
+            writer.writelines([b"PING\r\n"])
+        except Exception as exc:  # whatever the loop raises is what we classify
+            return exc
+        finally:
+            server.close()
+        raise AssertionError("the write did not fail")
+
+    exc = uvloop.run(write_after_close())
+    assert isinstance(exc, RuntimeError) and is_transient(exc)
+    assert not is_transient(RuntimeError("some other bug"))
