@@ -29,7 +29,8 @@ import orjson
 import redis.exceptions
 import uvloop
 
-from . import __version__, analysis, ops
+from . import __version__, ops, urls
+from .blocklist import Blocklist
 from .config import ConfigError, Settings, load_settings
 from .consumer import Consumer, connect
 from .errors import backoff, is_transient, pause
@@ -148,8 +149,8 @@ async def wired_worker(settings: Settings, runner: ContainerRunner | None = None
             await health.start()
         store = await _connect_store(settings, stopping, wiring["status"])
         wiring["store"] = store
-        blocklist = analysis.Blocklist(settings.blocklist_path or None)
-        analysis.registrable_domain("example.com")  # load the public suffix list now, once
+        blocklist = Blocklist(settings.blocklist_path or None)
+        urls.registrable_domain("example.com")  # load the public suffix list now, once
         janitor = Janitor(settings, store, consumer, runner, metrics)
         worker = Worker(settings, store, consumer, runner, metrics, blocklist, janitor,
                         stopping=stopping)

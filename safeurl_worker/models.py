@@ -109,10 +109,19 @@ class TlsInfo(_Strict):
     error: ShortText | None = None
 
 
+Label = Annotated[str, StringConstraints(max_length=256)]  # a short piece of page text
+
+
 class Form(_Strict):
     action: Url  # absolute URL the form submits to
     method: Annotated[str, StringConstraints(max_length=16)] = "get"
     has_password: bool = False
+    # What the form asks for (from input type, name, id, autocomplete, placeholder, label);
+    # inputs that belong to it through `form=` count too.
+    has_email: bool = False  # an e-mail address or a user name
+    has_card: bool = False  # a payment card number, expiry or CVC
+    has_otp: bool = False  # a one-time code
+    text: Label = ""  # its visible words: labels, placeholders, button text (collapsed, cut)
 
 
 class Iframe(_Strict):
@@ -131,8 +140,30 @@ class ScriptStats(_Strict):
     max_line_length: int = Field(default=0, ge=0)
 
 
+class Image(_Strict):
+    src: Url  # absolute
+    alt: Label = ""
+
+
+class PageMeta(_Strict):
+    """How the page names itself to link previews and search engines."""
+
+    og_site_name: Label | None = None
+    og_title: Label | None = None
+    og_url: Url | None = None
+    og_image: Url | None = None
+    canonical: Url | None = None
+    application_name: Label | None = None
+    description: Label | None = None
+
+
 class Features(_Strict):
     """What the fetcher saw in the page; the worker scores these (see analysis.py)."""
+
+    # How far the page was understood: "full" (parsed to the end), "partial" (a parse bound
+    # was reached; the features cover what was parsed), "none" (not HTML, or nothing to parse).
+    parse: Literal["full", "partial", "none"] = "none"
+    parse_problem: ShortText | None = None  # why the parse was partial, when it was
 
     forms: Annotated[list[Form], Field(max_length=50)] = []
     iframes: Annotated[list[Iframe], Field(max_length=50)] = []
@@ -141,6 +172,14 @@ class Features(_Strict):
     external_scripts: Annotated[list[Url], Field(max_length=50)] = []
     scripts: ScriptStats = ScriptStats()
     links_count: int = Field(default=0, ge=0)
+    # What the page presents itself as (brand impersonation reads these).
+    headings: Annotated[list[Label], Field(max_length=20)] = []  # h1-h3 text, in page order
+    meta: PageMeta = PageMeta()
+    icons: Annotated[list[Url], Field(max_length=10)] = []  # <link rel=icon|apple-touch-icon>
+    images: Annotated[list[Image], Field(max_length=50)] = []
+    stylesheets: Annotated[list[Url], Field(max_length=50)] = []  # absolute
+    buttons: Annotated[list[Label], Field(max_length=20)] = []  # button/submit text, anywhere
+    text: Annotated[str, StringConstraints(max_length=4096)] = ""  # visible text, collapsed
 
 
 class Timings(_Strict):

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from . import analysis
+from . import analysis, urls
+from .blocklist import Blocklist
 from .config import Settings
 from .errors import DependencyDown, backoff, cancelled_under_us, pause, retrying
 from .job import Conflict, OwnedJob, Owner
@@ -113,7 +114,7 @@ class Pipeline:
     def __init__(self, settings: Settings, owner: Owner, runner: ContainerRunner,
                  metrics: Metrics, owner_state: Callable[[str, str], Awaitable[str]],
                  steady: Callable[[], bool], docker_ready: asyncio.Event,
-                 blocklist: analysis.Blocklist | None = None) -> None:
+                 blocklist: Blocklist | None = None) -> None:
         self.settings = settings
         self.owner = owner
         self.runner = runner
@@ -326,7 +327,7 @@ def parse_message(fields: dict[str, str]) -> StreamMessage | None:
 
 def url_key(url: str) -> str | None:
     try:
-        return analysis.normalize_url(url)
+        return urls.normalize_url(url)
     except ValueError:
         return None
 

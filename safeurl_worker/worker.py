@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from . import analysis
+from .blocklist import Blocklist
 from .config import Settings
 from .consumer import Consumer, Message
 from .errors import is_transient, retrying
@@ -50,7 +50,7 @@ log = logging.getLogger("safeurl.worker")
 class Worker:
     def __init__(self, settings: Settings, store: Store, consumer: Consumer,
                  runner: ContainerRunner, metrics: Metrics,
-                 blocklist: analysis.Blocklist | None = None,
+                 blocklist: Blocklist | None = None,
                  janitor: Janitor | None = None,
                  stopping: asyncio.Event | None = None) -> None:
         self.settings = settings

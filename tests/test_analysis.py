@@ -10,14 +10,9 @@ from typing import Any
 
 import pytest
 
-from safeurl_worker import analysis
-from safeurl_worker.analysis import (
-    ANALYZER_VERSION,
-    RULES,
-    Blocklist,
-    analyze,
-    normalize_url,
-)
+from safeurl_worker import rules
+from safeurl_worker.analysis import analyze
+from safeurl_worker.blocklist import Blocklist
 from safeurl_worker.models import (
     Analysis,
     Features,
@@ -30,6 +25,8 @@ from safeurl_worker.models import (
     TlsInfo,
     Verdict,
 )
+from safeurl_worker.rules import ANALYZER_VERSION, RULES
+from safeurl_worker.urls import normalize_url
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "https://shop.example.com/"
@@ -101,7 +98,7 @@ def test_login_form_posting_elsewhere_is_suspicious() -> None:
     result = analyze(URL, report(features=Features(forms=forms)))
     assert "password_form_cross_domain" in names(result)
     assert result.verdict in (Verdict.SUSPICIOUS, Verdict.MALICIOUS)
-    assert weight("password_form_cross_domain") >= analysis.DEFAULT_SUSPICIOUS_THRESHOLD
+    assert weight("password_form_cross_domain") >= rules.DEFAULT_SUSPICIOUS_THRESHOLD
 
 
 def test_password_form_to_mailto_is_cross_domain() -> None:
@@ -449,12 +446,12 @@ def test_evidence_is_short_and_single_line() -> None:
 def test_every_signal_name_is_a_rule() -> None:
     url = "http://paypal.com@192.0.2.7/"
     assert names(analyze(url, report(url))) <= set(RULES)
-    assert set(analysis._CHECKS) | {"blocklist_hit"} == set(RULES)
+    assert set(rules._CHECKS) | {"blocklist_hit"} == set(RULES)
 
 
 def test_rule_weights_meet_the_policy() -> None:
-    assert weight("blocklist_hit") >= analysis.DEFAULT_MALICIOUS_THRESHOLD
-    assert weight("password_form_cross_domain") >= analysis.DEFAULT_SUSPICIOUS_THRESHOLD
+    assert weight("blocklist_hit") >= rules.DEFAULT_MALICIOUS_THRESHOLD
+    assert weight("password_form_cross_domain") >= rules.DEFAULT_SUSPICIOUS_THRESHOLD
     url_level = {n for n, r in RULES.items() if r.url_level}
     assert url_level == {"blocklist_hit", "ip_literal_host", "punycode_host",
                          "mixed_script_host", "userinfo_in_url", "excessive_subdomains",
