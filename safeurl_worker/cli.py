@@ -29,7 +29,7 @@ import orjson
 import redis.exceptions
 import uvloop
 
-from . import __version__, ops, urls
+from . import __version__, brands, ops, urls
 from .blocklist import Blocklist
 from .config import ConfigError, Settings, load_settings
 from .consumer import Consumer, connect
@@ -150,10 +150,11 @@ async def wired_worker(settings: Settings, runner: ContainerRunner | None = None
         store = await _connect_store(settings, stopping, wiring["status"])
         wiring["store"] = store
         blocklist = Blocklist(settings.blocklist_path or None)
+        catalogue = brands.load_catalogue(settings.brands_path or None)  # checked in main()
         urls.registrable_domain("example.com")  # load the public suffix list now, once
         janitor = Janitor(settings, store, consumer, runner, metrics)
         worker = Worker(settings, store, consumer, runner, metrics, blocklist, janitor,
-                        stopping=stopping)
+                        stopping=stopping, catalogue=catalogue)
         wiring["worker"] = worker
         yield worker
     finally:
@@ -445,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        if args.command == "run":  # a bad operator catalogue stops start-up, like bad config
+            brands.load_catalogue(settings.brands_path or None)
     except ConfigError as exc:
         print(f"safeurl-worker: {exc}", file=sys.stderr)
         return 2

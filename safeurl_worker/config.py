@@ -14,6 +14,8 @@ from functools import cached_property
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .fetcher.fetch import USER_AGENT as DEFAULT_USER_AGENT
+
 
 class ConfigError(Exception):
     """Raised for invalid configuration; the message names the variable."""
@@ -31,7 +33,8 @@ class Settings(BaseSettings):
     redis_host: str = "localhost"
     redis_port: int = Field(default=6379, ge=1, le=65535)
     redis_password: str = ""
-    redis_url: str = ""  # wins over host/port/password when set
+    redis_tls: bool = False  # rediss:// to REDIS_HOST:REDIS_PORT (managed Redis)
+    redis_url: str = ""  # wins over host/port/password/tls when set
     database_url: str = "postgresql://localhost/safeurl"
     docker_socket_path: str = "/var/run/docker.sock"
     fetcher_image: str = "safeurl-fetcher:latest"
@@ -73,9 +76,15 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(default=5, ge=0, le=20)
     fetch_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     fetch_timeout_ms: int = Field(default=0, ge=0)  # 0: derived from the container timeout
+    # A browser's User-Agent: a scanner that announces itself is trivially cloaked against.
+    fetcher_user_agent: str = Field(default=DEFAULT_USER_AGENT, min_length=1, max_length=512)
+    # DNS servers of fetcher containers (comma-separated IPs); empty: Docker's default. The
+    # host's search domains are never inherited (a short name must not become an internal one).
+    fetcher_dns: str = ""
 
     # --- analysis ---
     blocklist_path: str = ""
+    brands_path: str = ""  # the operator's brand catalogue, added to the shipped one
     result_cache_ttl_s: int = Field(default=300, ge=0)
     suspicious_threshold: int = Field(default=30, ge=1, le=100)
     malicious_threshold: int = Field(default=70, ge=1, le=100)
@@ -121,6 +130,21 @@ class Settings(BaseSettings):
             raise ValueError("must be a comma-separated list of TCP ports")
         return ",".join(ports)
 
+    @field_validator("fetcher_dns")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        servers = [d.strip() for d in v.split(",") if d.strip()]
+        for d in servers:
+            ipaddress.ip_address(d)  # raises ValueError with the bad value
+        return ",".join(servers)
+
+    @field_validator("fetcher_user_agent")
+    @classmethod
+    def _user_agent(cls, v: str) -> str:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
     @field_validator("fetch_allow_cidrs")
     @classmethod
     def _cidrs(cls, v: str) -> str:
@@ -142,7 +166,8 @@ class Settings(BaseSettings):
         if self.redis_url:
             return self.redis_url
         auth = f":{self.redis_password}@" if self.redis_password else ""
-        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+        scheme = "rediss" if self.redis_tls else "redis"
+        return f"{scheme}://{auth}{self.redis_host}:{self.redis_port}/0"
 
     @cached_property
     def fetch_timeout_s(self) -> float:
@@ -160,6 +185,9 @@ class Settings(BaseSettings):
             "FETCH_MAX_REDIRECTS": str(self.fetch_max_redirects),
             "FETCH_MAX_BYTES": str(self.fetch_max_bytes),
             "FETCH_TIMEOUT_S": f"{self.fetch_timeout_s:.3f}",
+            "FETCH_USER_AGENT": self.fetcher_user_agent,
+            # The fetcher cuts its report to the size the runner reads.
+            "FETCH_MAX_OUTPUT_BYTES": str(self.container_output_max_bytes),
         }
 
 

@@ -211,6 +211,10 @@ class Report(_Strict):
     features: Features = Features()
     timings: Timings = Timings()
     error: ReportError | None = None
+    # Items left out so the report fits the stdout cap or a list bound, per part
+    # (`{"features.images": 41, "headers": 3}`): a cut is visible, never OUTPUT_INVALID.
+    truncated: Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                              Annotated[int, Field(ge=0)]], Field(max_length=32)] = {}
 
 
 # --- rows -----------------------------------------------------------------------------------
@@ -248,6 +252,9 @@ class Analysis(BaseModel):
     score: int = Field(ge=0, le=100)
     signals: list[Signal]
     analyzer_version: str
+    # How much of the page the verdict rests on (0..1): low when the page could not be parsed
+    # or nothing was seen in it (see docs/analysis.md). 1.0 for results scored before it existed.
+    confidence: float = Field(default=1.0, ge=0, le=1)
 
     def signals_json(self) -> list[dict[str, Any]]:
         return [s.model_dump() for s in self.signals]

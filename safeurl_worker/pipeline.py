@@ -17,17 +17,18 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from . import analysis, urls
 from .blocklist import Blocklist
+from .brands import Catalogue
 from .config import Settings
 from .errors import DependencyDown, backoff, cancelled_under_us, pause, retrying
+from .fetcher import weburl
 from .job import Conflict, OwnedJob, Owner
 from .metrics import Metrics
-from .models import Analysis, Job, Report, State, StreamMessage
+from .models import Analysis, Job, Report, State, StreamMessage, Verdict
 from .runner import ContainerRunner, DockerUnavailable, RunResult, RunStatus
 
 log = logging.getLogger("safeurl.pipeline")
@@ -91,21 +92,17 @@ Outcome = Completed | Failed | DeadLettered | Duplicate | SetAside | Released
 
 
 def url_problem(url: str) -> str | None:
-    """Why a URL is refused before any container runs (INVALID_URL), or None."""
+    """Why a URL is refused before any container runs (INVALID_URL), or None.
+
+    The fetcher's own parse and rules (`weburl`: browser semantics), so the worker never
+    refuses a URL the fetcher would take, nor runs a container for one it would refuse.
+    """
     if len(url) > MAX_URL_LENGTH:
         return f"URL is {len(url)} characters; the limit is {MAX_URL_LENGTH}"
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        return f"unparsable URL: {exc}"
-    if parts.scheme.lower() not in ("http", "https"):
-        return f"scheme {parts.scheme or '(none)'!r} is not http or https"
-    if not parts.hostname:
-        return "URL has no host"
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        return "URL contains whitespace or control characters"
-    return None
+        return weburl.fetch_problem(weburl.parse(url))
+    except weburl.WebUrlError as exc:
+        return str(exc)
 
 
 # --- the pipeline ---------------------------------------------------------------------------
@@ -114,7 +111,8 @@ class Pipeline:
     def __init__(self, settings: Settings, owner: Owner, runner: ContainerRunner,
                  metrics: Metrics, owner_state: Callable[[str, str], Awaitable[str]],
                  steady: Callable[[], bool], docker_ready: asyncio.Event,
-                 blocklist: Blocklist | None = None) -> None:
+                 blocklist: Blocklist | None = None,
+                 catalogue: Catalogue | None = None) -> None:
         self.settings = settings
         self.owner = owner
         self.runner = runner
@@ -123,6 +121,7 @@ class Pipeline:
         self.steady = steady  # has Redis answered us for a whole lease (owners could beat)?
         self.docker_ready = docker_ready
         self.blocklist = blocklist
+        self.catalogue = catalogue  # the brand catalogue (the shipped one when None)
 
     async def process(self, message: StreamMessage | None, reclaimed: bool,
                       message_id: str = "") -> Outcome:
@@ -261,14 +260,18 @@ class Pipeline:
         if result.status is RunStatus.OUTPUT_INVALID or result.report is None:
             return Failed(owned, State.FAILED, "OUTPUT_INVALID", result.detail)
         report = result.report
-        if report.error and report.error.code == "BLOCKED_TARGET":
-            return Failed(owned, State.FAILED, "BLOCKED_TARGET", report.error.message)
-        await owned.move(State.ANALYZING)
         t0 = time.monotonic()
         verdict = analysis.analyze(owned.job.url, report, blocklist=self.blocklist,
+                                   catalogue=self.catalogue,
                                    suspicious_threshold=self.settings.suspicious_threshold,
                                    malicious_threshold=self.settings.malicious_threshold)
         self.metrics.stage.labels("analyze").observe(time.monotonic() - t0)
+        # A refused target is a failure, unless there is evidence against it: a public page
+        # that redirected to the refused address, or a blocklisted URL (sinkholed to 127.0.0.1).
+        if report.error and report.error.code == "BLOCKED_TARGET" and \
+                verdict.verdict is not Verdict.MALICIOUS:
+            return Failed(owned, State.FAILED, "BLOCKED_TARGET", report.error.message)
+        await owned.move(State.ANALYZING)
         return Completed(owned, report, verdict)
 
     async def _cached(self, owned: OwnedJob) -> Outcome | None:
@@ -285,7 +288,8 @@ class Pipeline:
             report = Report.model_validate(hit["report"])
             cached = Analysis(verdict=hit["verdict"], score=hit["score"],
                               signals=hit["signals"] or [],
-                              analyzer_version=hit["analyzer_version"] or "")
+                              analyzer_version=hit["analyzer_version"] or "",
+                              confidence=_stored_confidence(hit.get("confidence")))
         except ValidationError:
             return None  # an old or foreign row: scan afresh
         await owned.move(State.ANALYZING, detail={"cached_from": str(hit["job_id"])})
@@ -323,6 +327,11 @@ def parse_message(fields: dict[str, str]) -> StreamMessage | None:
         return StreamMessage.model_validate(fields)
     except ValidationError:
         return None
+
+
+def _stored_confidence(value: float | None) -> float:
+    """A result stored before confidence existed rests on the page as fully as it could."""
+    return 1.0 if value is None else value
 
 
 def url_key(url: str) -> str | None:

@@ -84,8 +84,13 @@ def _daemon_errors(any_status: bool = False) -> Iterator[None]:
         raise DockerUnavailable(f"{exc.status}: {exc.message}") from exc
 
 
+_SHM_BYTES = 4 * 1024 * 1024
+_NOFILE = 256  # one fetch needs a handful of sockets and files
+
+
 def container_config(settings: Settings, job_id: uuid.UUID, url: str) -> dict[str, Any]:
     """The sandbox. Each setting is explained in docs/sandbox.md."""
+    tmpfs_bytes = settings.container_tmpfs_mb * 1024 * 1024
     mem = settings.container_memory_limit_mb * 1024 * 1024
     env = [f"{k}={v}" for k, v in settings.fetcher_env().items()]  # limits only, no secrets
     return {
@@ -110,6 +115,16 @@ def container_config(settings: Settings, job_id: uuid.UUID, url: str) -> dict[st
             "Privileged": False,
             "Binds": [], "Mounts": [],
             "IpcMode": "private",
+            # DNS from FETCHER_DNS (else Docker's default servers), and never the host's search
+            # domains: "." clears them, so a bare name cannot become an internal host's name.
+            **({"Dns": settings.fetcher_dns.split(",")} if settings.fetcher_dns else {}),
+            "DnsSearch": ["."],
+            "ShmSize": _SHM_BYTES,  # a private /dev/shm, small: the fetcher does not use it
+            # No core dumps (they would hold page content), few files, and no file in the tmpfs
+            # bigger than the tmpfs itself.
+            "Ulimits": [{"Name": "core", "Soft": 0, "Hard": 0},
+                        {"Name": "nofile", "Soft": _NOFILE, "Hard": _NOFILE},
+                        {"Name": "fsize", "Soft": tmpfs_bytes, "Hard": tmpfs_bytes}],
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "4m", "max-file": "1"}},
         },
     }

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS scan_results (
 -- Our own additions, guarded so an API-created table gains them too.
 ALTER TABLE scan_results ADD COLUMN IF NOT EXISTS url_key text;          -- normalized URL
 ALTER TABLE scan_results ADD COLUMN IF NOT EXISTS cached_from uuid;      -- result reused from
+-- How much of the page the verdict rests on (0..1); NULL for results scored before it existed.
+ALTER TABLE scan_results ADD COLUMN IF NOT EXISTS confidence double precision
+    CHECK (confidence IS NULL OR confidence BETWEEN 0 AND 1);
 
 CREATE TABLE IF NOT EXISTS scan_audit_log (
     id         bigserial PRIMARY KEY,

@@ -73,8 +73,10 @@ WITH u AS (
     RETURNING id, version
 ), r AS (
     INSERT INTO scan_results (job_id, verdict, score, http_status, final_url, redirects,
-        content_type, sha256, title, signals, report, analyzer_version, url_key, cached_from)
-    SELECT id, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12::jsonb, $13::jsonb, $14, $15, $16
+        content_type, sha256, title, signals, report, analyzer_version, url_key, cached_from,
+        confidence)
+    SELECT id, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12::jsonb, $13::jsonb, $14, $15, $16,
+        $18
     FROM u
 ), a AS (
     INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id, detail)
@@ -194,6 +196,7 @@ class Store:
             report.title, analysis.signals_json(), report.model_dump(mode="json"),
             analysis.analyzer_version, url_key, cached_from,
             {"verdict": analysis.verdict.value, "score": analysis.score, **(detail or {})},
+            analysis.confidence,
         )
         return version
 
@@ -201,7 +204,8 @@ class Store:
         """The newest original (not itself cached) result for this normalized URL within the
         TTL. `unknown` verdicts are not reused: the target may be back."""
         row: asyncpg.Record | None = await self.pool.fetchrow(
-            "SELECT job_id, verdict, score, signals, report, analyzer_version FROM scan_results "
+            "SELECT job_id, verdict, score, signals, report, analyzer_version, confidence "
+            "FROM scan_results "
             "WHERE url_key = $1 AND created_at > now() - make_interval(secs => $2) "
             "AND cached_from IS NULL AND verdict <> 'unknown' "
             "ORDER BY created_at DESC LIMIT 1", url_key, float(ttl_s))
@@ -246,7 +250,7 @@ class Store:
             return None
         result = await self.pool.fetchrow(
             "SELECT verdict, score, http_status, final_url, redirects, content_type, sha256, "
-            "title, signals, analyzer_version, cached_from, created_at "
+            "title, signals, analyzer_version, confidence, cached_from, created_at "
             "FROM scan_results WHERE job_id = $1", job_id)
         audit = await self.pool.fetch(
             "SELECT from_state, to_state, version, worker_id, at, detail FROM scan_audit_log "

@@ -1,102 +1,50 @@
 """One place for URL handling on the worker side: the cache and blocklist key of a URL, its
 canonical host, and the site (registrable domain) it belongs to.
 
+Every URL is parsed by `fetcher.weburl` (WHATWG URL standard, the parser the fetcher uses for
+every hop), so the analysis, the blocklist and the cache key see the host the fetcher connected
+to, which is the host a browser would connect to: `http://evil.test\\@good.example/` is
+`evil.test` everywhere, `faß.de` is `xn--fa-hia.de` (UTS #46 nontransitional) everywhere.
+
 Pure string functions (no network). A URL that does not parse raises ValueError with a clear
 message; the `*_of` helpers return None instead, for URLs read from untrusted reports.
 """
 
 from __future__ import annotations
 
-import encodings.idna
-import ipaddress
-import re
-import socket
 from functools import cache, lru_cache
-from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from publicsuffixlist import PublicSuffixList
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443, "ftp": 21}
-_LABEL_DOTS = re.compile("[.\u3002\uff0e\uff61]")  # the separators IDNA treats as dots
-_ASCII_HOST = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
-# What inet_aton would accept as IPv4 (1-4 parts, decimal/octal/hex) - browsers accept it too.
-_LOOSE_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
-_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
-_QUERY_SAFE = _PATH_SAFE + "?"
-_PERCENT = re.compile(r"%[0-9a-fA-F]{2}")
+from .fetcher import weburl
+from .fetcher.weburl import WebUrl, WebUrlError, raw_host
+
+__all__ = ["WebUrl", "WebUrlError", "canonical_host", "canonical_ip", "host_of", "normalize_url",
+           "parse_url", "raw_host", "registrable_domain", "site_of"]
 
 
-def _encode_label(label: str) -> str:
-    """One host label to its ASCII (IDNA) form."""
-    if label.isascii():
-        return label.lower()
-    try:  # nameprep + punycode, as a resolver would (also maps e.g. fullwidth letters)
-        return encodings.idna.ToASCII(label).decode("ascii").lower()
-    except UnicodeError:
-        # Labels nameprep rejects still need a stable key; raw punycode keeps them distinct.
-        return "xn--" + label.lower().encode("punycode").decode("ascii")
+def parse_url(url: str) -> WebUrl:
+    """An absolute URL parsed like a browser; ValueError (WebUrlError) when it is not one."""
+    return weburl.parse(url)
 
 
 def canonical_ip(host: str) -> str | None:
-    """The canonical text of an IP literal host, or None when the host is a name."""
+    """The canonical text of an IP literal host (`0x7f.1` -> `127.0.0.1`, `[::1]` -> `::1`),
+    or None when the host is a name or no host at all."""
     try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    if _LOOSE_IPV4.match(host):
-        try:  # pure conversion, no network: 0x7f.1 / 2130706433 / 127.1 -> 127.0.0.1
-            return socket.inet_ntoa(socket.inet_aton(host))
-        except OSError:
-            return None
-    return None
+        text, kind = weburl.parse_host(host)
+    except WebUrlError:
+        return None
+    return text if kind in ("ipv4", "ipv6") else None
 
 
 def canonical_host(raw: str) -> str:
-    """Lower-case, IDNA-encoded, canonical IP text; ValueError when it is no valid host."""
-    # Browsers decode %-escapes in hosts, so %65vil.com must not slip past the blocklist.
-    host = unquote(raw).strip().rstrip(".")
+    """Lower-case, IDNA (UTS #46) encoded, canonical IP text, no trailing dot; ValueError when
+    it is no valid host. The same host parser as for URLs (percent-decoding included)."""
+    host, _kind = weburl.parse_host(raw.strip())
     if not host:
-        raise ValueError("URL has no host")
-    ip = canonical_ip(host.lower())
-    if ip is not None:
-        return ip
-    labels = _LABEL_DOTS.split(host)
-    if any(not label for label in labels):
-        raise ValueError(f"invalid host {raw[:100]!r}: empty label")
-    ascii_host = ".".join(_encode_label(label) for label in labels)
-    if not _ASCII_HOST.match(ascii_host):
-        raise ValueError(f"invalid host {raw[:100]!r}: characters not allowed in a host name")
-    return ascii_host
-
-
-def split_url(url: str) -> SplitResult:
-    """urlsplit for an absolute URL with a host; ValueError with a clear message otherwise."""
-    if not isinstance(url, str):
-        raise ValueError(f"URL must be a string, not {type(url).__name__}")
-    text = url.strip()
-    if not text:
-        raise ValueError("URL is empty")
-    try:
-        parts = urlsplit(text)
-    except ValueError as exc:
-        raise ValueError(f"unparsable URL {text[:100]!r}: {exc}") from None
-    if not parts.scheme or not parts.netloc:
-        raise ValueError(f"not an absolute URL with a host: {text[:100]!r}")
-    return parts
-
-
-def _port(parts: SplitResult) -> int | None:
-    try:
-        return parts.port
-    except ValueError:
-        raise ValueError(f"invalid port in URL {parts.netloc[:100]!r}") from None
-
-
-def _fix_escapes(text: str, safe: str) -> str:
-    """Percent-encode what must be encoded (spaces, non-ASCII); upper-case existing escapes
-    so %2f and %2F give one key."""
-    quoted = quote(text, safe=safe, errors="replace")
-    return _PERCENT.sub(lambda m: m.group(0).upper(), quoted)
+        raise WebUrlError(f"invalid host {raw[:100]!r}")
+    return host
 
 
 # The rules look at the same few URLs many times per report, and a fleet sees the same hosts
@@ -105,27 +53,20 @@ def _fix_escapes(text: str, safe: str) -> str:
 def normalize_url(url: str) -> str:
     """The result-cache and blocklist key of a URL.
 
-    Lower-case scheme and host, IDNA-encode the host, canonical IP text, drop a trailing dot of
-    the host, drop default ports and the fragment, keep userinfo/path/query, empty path -> '/'.
-    Raises ValueError (with a clear message) only for input that cannot be parsed as an absolute
-    URL with a valid host.
+    The browser's serialization (lower-case scheme and host, UTS #46 host, canonical IP text,
+    no default port, dot segments resolved, '\\' as '/', spaces and non-ASCII percent-encoded)
+    without the fragment, with the host's trailing dot dropped and %-escapes in upper case;
+    userinfo, path and query are kept. Raises ValueError (with a clear message) only for input
+    that is not an absolute URL with a host.
     """
-    parts = split_url(url)
-    scheme = parts.scheme.lower()
-    userinfo = parts.netloc.rpartition("@")[0]
-    host = canonical_host(parts.hostname or "")
-    if "[" in parts.netloc and ":" not in host:  # [v1.x] IPvFuture and such: no real host
-        raise ValueError(f"invalid bracketed host in URL {parts.netloc[:100]!r}")
-    port = _port(parts)
-    # An IPv6 zone id's % must be escaped again inside a URL.
-    netloc = f"[{host.replace('%', '%25')}]" if ":" in host else host
-    if port is not None and port != _DEFAULT_PORTS.get(scheme):
-        netloc = f"{netloc}:{port}"
-    if userinfo or "@" in parts.netloc:
-        netloc = f"{userinfo}@{netloc}"
-    path = _fix_escapes(parts.path, _PATH_SAFE) or "/"
-    query = _fix_escapes(parts.query, _QUERY_SAFE)
-    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
+    if not isinstance(url, str):
+        raise WebUrlError(f"URL must be a string, not {type(url).__name__}")
+    if not url.strip():
+        raise WebUrlError("URL is empty")
+    parsed = weburl.parse(url)
+    if parsed.host_kind == "empty":
+        raise WebUrlError(f"not an absolute URL with a host: {url[:100]!r}")
+    return parsed.key()
 
 
 @lru_cache(maxsize=8192)
@@ -134,10 +75,10 @@ def host_of(url: str | None) -> str | None:
     if not url:
         return None
     try:
-        parts = split_url(url)
-        return canonical_host(parts.hostname or "")
-    except ValueError:
+        parsed = weburl.parse(url)
+    except WebUrlError:
         return None
+    return parsed.host or None
 
 
 @cache
@@ -150,7 +91,7 @@ def _psl() -> PublicSuffixList:
 def registrable_domain(host: str) -> str:
     """The site a host belongs to: its registrable domain (eTLD+1), the IP itself for an IP
     literal, or the host itself when it has none (localhost, a bare public suffix)."""
-    if canonical_ip(host) is not None or ":" in host:
+    if ":" in host or canonical_ip(host) is not None:
         return host
     site = _psl().privatesuffix(host)
     return str(site) if site else host

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from .blocklist import Blocklist
+from .brands import Catalogue
 from .config import Settings
 from .consumer import Consumer, Message
 from .errors import is_transient, retrying
@@ -52,7 +53,8 @@ class Worker:
                  runner: ContainerRunner, metrics: Metrics,
                  blocklist: Blocklist | None = None,
                  janitor: Janitor | None = None,
-                 stopping: asyncio.Event | None = None) -> None:
+                 stopping: asyncio.Event | None = None,
+                 catalogue: Catalogue | None = None) -> None:
         self.settings = settings
         self.store = store
         self.consumer = consumer
@@ -71,7 +73,7 @@ class Worker:
         lease_s = settings.lease_timeout_ms / 1000
         self.pipeline = Pipeline(settings, self.owner, runner, metrics, consumer.owner_state,
                                  lambda: consumer.steady_for() >= lease_s, self._docker_ready,
-                                 blocklist)
+                                 blocklist, catalogue)
 
     def stop(self) -> None:
         """Stop taking messages; `run` then drains in-flight jobs."""

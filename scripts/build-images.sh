@@ -45,7 +45,23 @@ build() {  # target tag base
   DOCKER_BUILDKIT=0 docker build -q -f Containerfile --target "$1" --build-arg "BASE_IMAGE=$3" -t "$2" . >/dev/null
 }
 
+# What the fetcher imports besides the standard library: wheels for the image's Python (3.11),
+# fetched here so that the image build needs no registry. weburl.py: ada-url (+ cffi, its
+# run-time), idna; htmlscan.py: selectolax (the Lexbor HTML5 parser); content.py: webencodings.
+FETCHER_WHEELS=("ada-url==4.0.0" "cffi==2.1.1" "idna==3.20" "selectolax==1.0.2"
+                "webencodings==0.6.1")
+fetcher_wheels() {
+  local arch
+  arch=$(uname -m)
+  rm -rf build/fetcher-wheels
+  mkdir -p build/fetcher-wheels
+  .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform "manylinux_2_28_$arch" --platform "manylinux2014_$arch" \
+    -d build/fetcher-wheels "${FETCHER_WHEELS[@]}" >/dev/null
+}
+
 base=$(pick_base)
+fetcher_wheels
 build fetcher "$FETCHER_IMAGE" "$base"
 if [ "${1:-}" = worker ]; then
   rm -rf build/wheels

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,23 +24,28 @@ from safeurl_worker.models import (
     Verdict,
 )
 from safeurl_worker.rules import ANALYZER_VERSION, RULES
-from safeurl_worker.urls import normalize_url
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "https://shop.example.com/"
 
 
 def report(url: str = URL, **kw: Any) -> Report:
-    """A fetched page; keyword arguments override any field."""
+    """A fetched, fully parsed page with some text; keyword arguments override any field
+    (features given without an explicit `parse` count as fully parsed)."""
     fields: dict[str, Any] = {
         "fetcher_version": "test",
         "requested_url": url,
         "final_url": url,
         "http_status": 200,
         "content_type": "text/html; charset=utf-8",
+        "body_size": 5000,
         "tls": TlsInfo(verified=True, version="TLSv1.3") if url.startswith("https") else None,
+        "features": Features(parse="full", text="Welcome to the shop", links_count=12),
     }
     fields.update(kw)
+    features = fields["features"]
+    if "parse" not in features.model_fields_set:
+        fields["features"] = features.model_copy(update={"parse": "full"})
     return Report(**fields)
 
 
@@ -80,7 +83,8 @@ def test_benign_page_is_safe() -> None:
     assert result.verdict is Verdict.SAFE
     assert result.score == 0
     assert result.signals == []
-    assert result.analyzer_version == ANALYZER_VERSION == "1.0.0"
+    assert result.analyzer_version == ANALYZER_VERSION == "2.0.0"
+    assert result.confidence == 1.0
 
 
 def test_same_site_redirect_and_login_are_safe() -> None:
@@ -304,13 +308,6 @@ def test_blocklist_by_url(tmp_path: Path) -> None:
     assert analyze(url, report(url), blocklist=bl).verdict is Verdict.MALICIOUS
 
 
-def test_blocklist_matches_evasive_spellings(tmp_path: Path) -> None:
-    bl = blocklist_file(tmp_path, "evil.test\n192.0.2.7\nпример.рф\n")  # noqa: RUF001
-    assert bl.match("http://%65vil.test/") == "evil.test"
-    assert bl.match("http://0xc0.0.2.7/") == "192.0.2.7"
-    assert bl.match("http://xn--e1afmkfd.xn--p1ai/") == "пример.рф"
-
-
 def test_blocklist_hit_on_redirect_hop(tmp_path: Path) -> None:
     bl = blocklist_file(tmp_path, BLOCKLIST)
     hops = [RedirectHop(url=URL, status=302, location="https://track.evil.test/r"),
@@ -321,61 +318,6 @@ def test_blocklist_hit_on_redirect_hop(tmp_path: Path) -> None:
     assert "blocklist_hit" in names(result)
     assert result.verdict is Verdict.MALICIOUS
     assert result.score == 100
-
-
-def test_blocklist_reloads_when_file_changes(tmp_path: Path) -> None:
-    path = tmp_path / "bl.txt"
-    path.write_text("one.test\n")
-    bl = Blocklist(str(path), check_interval_s=0)
-    assert bl.match("https://one.test/") == "one.test"
-    assert bl.match("https://two.test/") is None
-    path.write_text("two.test\n")  # same size: only the mtime tells
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-    assert bl.match("https://one.test/") is None
-    assert bl.match("https://two.test/") == "two.test"
-
-
-def test_blocklist_checks_file_at_most_once_per_interval(tmp_path: Path) -> None:
-    path = tmp_path / "bl.txt"
-    path.write_text("one.test\n")
-    bl = Blocklist(path, check_interval_s=3600)
-    path.write_text("other.test\n")
-    assert bl.match("https://one.test/") == "one.test"  # not re-read yet
-    bl.refresh(force=True)
-    assert bl.match("https://other.test/") == "other.test"
-
-
-def test_missing_blocklist_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "absent.txt"
-    with caplog.at_level(logging.WARNING, logger="safeurl_worker.analysis"):
-        bl = Blocklist(path, check_interval_s=0)
-        assert bl.match("https://evil.test/") is None
-        assert bl.match("https://evil.test/") is None
-    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
-    assert len(warnings) == 1  # warned once, not once per check
-    assert bl.entry_count == 0
-    assert bl  # configured, though empty: still truthy
-    path.write_text("evil.test\n")  # appears later: picked up
-    assert bl.match("https://evil.test/") == "evil.test"
-    path.unlink()  # and disappears again: empty, no crash
-    assert bl.match("https://evil.test/") is None
-
-
-def test_unreadable_blocklist_is_empty(tmp_path: Path) -> None:
-    bl = Blocklist(tmp_path, check_interval_s=0)  # a directory cannot be read as a file
-    assert bl.match("https://evil.test/") is None
-
-
-def test_no_blocklist_path() -> None:
-    for path in (None, ""):
-        assert Blocklist(path).match("https://evil.test/") is None
-
-
-def test_blocklist_match_never_raises_on_odd_input(tmp_path: Path) -> None:
-    bl = blocklist_file(tmp_path, BLOCKLIST)
-    for odd in ("", "not a url", "http://[::1", "http://a..b/", "http://x:99999/"):
-        assert bl.match(odd) is None
 
 
 # --- unfetched targets and scoring ----------------------------------------------------------
@@ -446,7 +388,13 @@ def test_evidence_is_short_and_single_line() -> None:
 def test_every_signal_name_is_a_rule() -> None:
     url = "http://paypal.com@192.0.2.7/"
     assert names(analyze(url, report(url))) <= set(RULES)
-    assert set(rules._CHECKS) | {"blocklist_hit"} == set(RULES)
+    assert all(callable(r.check) and r.description for r in RULES.values())
+
+
+def test_a_rule_name_registers_once() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        rules.rule("tls_error", 1, "again")(rules.tls_error)
+    assert RULES["tls_error"].check is rules.tls_error
 
 
 def test_rule_weights_meet_the_policy() -> None:
@@ -455,7 +403,10 @@ def test_rule_weights_meet_the_policy() -> None:
     url_level = {n for n, r in RULES.items() if r.url_level}
     assert url_level == {"blocklist_hit", "ip_literal_host", "punycode_host",
                          "mixed_script_host", "userinfo_in_url", "excessive_subdomains",
-                         "long_url", "long_host"}
+                         "long_url", "long_host", "lookalike_domain",
+                         "redirect_to_blocked_target"}
+    assert weight("redirect_to_blocked_target") >= rules.DEFAULT_MALICIOUS_THRESHOLD
+    assert weight("brand_impersonation") >= rules.DEFAULT_MALICIOUS_THRESHOLD
 
 
 def test_hostile_report_urls_do_not_crash() -> None:
@@ -475,48 +426,6 @@ def test_hostile_report_urls_do_not_crash() -> None:
     assert analyze("not a url", r).verdict in set(Verdict)
 
 
-# --- normalize_url --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("url", "expected"), [
-    ("HTTP://Example.COM", "http://example.com/"),
-    ("https://example.com:443/a?b=1#frag", "https://example.com/a?b=1"),
-    ("http://example.com:80/", "http://example.com/"),
-    ("http://example.com:8080", "http://example.com:8080/"),
-    ("https://example.com:80/", "https://example.com:80/"),
-    ("http://bücher.de/x y", "http://xn--bcher-kva.de/x%20y"),
-    ("http://пример.рф/путь?q=я",
-     "http://xn--e1afmkfd.xn--p1ai/%D0%BF%D1%83%D1%82%D1%8C?q=%D1%8F"),
-    ("http://user:pw@EXAMPLE.com/", "http://user:pw@example.com/"),
-    ("http://0x7f.1/", "http://127.0.0.1/"),
-    ("http://[::FFFF:1]:80/", "http://[::ffff:1]/"),
-    ("http://example.com./p%2fq", "http://example.com/p%2Fq"),
-    ("http://%65xample.com/", "http://example.com/"),
-    ("  https://example.com/Path/?Q=A  ", "https://example.com/Path/?Q=A"),
-    ("https://example.com?x", "https://example.com/?x"),
-])
-def test_normalize_url(url: str, expected: str) -> None:
-    assert normalize_url(url) == expected
-
-
-@pytest.mark.parametrize("url", ["", "   ", "example.com", "/relative", "mailto:a@b.test",
-                                 "http://[::1", "http://a.b:99999/", "http://exa mple.com/",
-                                 "http://a..b/", "http://:80/", "http:///p", "http://[v1.x]/",
-                                 "\x00"])
-def test_normalize_url_rejects_unparsable(url: str) -> None:
-    with pytest.raises(ValueError, match=r"\S"):
-        normalize_url(url)
-
-
-@pytest.mark.parametrize("url", ["http://\ud800.com/", "http://a.com/\ud800",
-                                 "http://[fe80::1%25eth0]/", "http://" + "ä" * 70 + ".com/",
-                                 "http://a\u3002b.com/", "http://@host/", "ftp://x.test:21/"])
-def test_normalize_url_odd_but_valid(url: str) -> None:
-    key = normalize_url(url)
-    assert key.isascii()
-    assert normalize_url(key) == key  # idempotent
-
-
 # --- docs -----------------------------------------------------------------------------------
 
 
@@ -525,3 +434,88 @@ def test_docs_list_every_rule_with_its_weight() -> None:
     rows = dict(re.findall(r"^\|\s*`(\w+)`\s*\|\s*(\d+)", text, flags=re.MULTILINE))
     assert {name: int(w) for name, w in rows.items()} == {n: r.weight for n, r in RULES.items()}
     assert ANALYZER_VERSION in text
+
+
+# --- honest verdicts: what was seen, and confidence ------------------------------------------
+
+
+def test_unparsable_html_page_is_unknown_not_safe() -> None:
+    result = analyze(URL, report(features=Features(parse="none")))
+    assert result.verdict is Verdict.UNKNOWN
+    assert result.confidence < 0.5
+
+
+def test_page_where_nothing_was_seen_is_unknown() -> None:
+    empty = report(features=Features(parse="full"), body_size=0)
+    result = analyze(URL, empty)
+    assert (result.verdict, result.signals) == (Verdict.UNKNOWN, [])
+    assert result.confidence <= 0.2
+
+
+def test_partial_parse_with_nothing_seen_is_unknown() -> None:
+    partial = report(features=Features(parse="partial", parse_problem="element limit"))
+    assert analyze(URL, partial).verdict is Verdict.UNKNOWN
+    seen = report(features=Features(parse="partial", text="Hello", headings=["News"],
+                                    links_count=40))
+    result = analyze(URL, seen)
+    assert result.verdict is Verdict.SAFE
+    assert 0.5 <= result.confidence < 1.0
+
+
+def test_non_html_response_is_judged_on_its_type_with_less_confidence() -> None:
+    image = report(content_type="image/png", features=Features(parse="none"))
+    result = analyze(URL, image)
+    assert result.verdict is Verdict.SAFE
+    assert 0.5 <= result.confidence < 1.0
+
+
+def test_evidence_on_an_unparsable_page_still_counts() -> None:
+    url = "https://paypal.com-resolution-center.info/"
+    forms = [Form(action="https://collector.evil.test/p", has_password=True)]
+    result = analyze(url, report(url, features=Features(parse="none", forms=forms)))
+    assert result.verdict in (Verdict.SUSPICIOUS, Verdict.MALICIOUS)
+    assert result.confidence >= 0.5
+
+
+def test_unfetched_target_has_zero_confidence() -> None:
+    assert analyze(URL, unfetched()).confidence == 0.0
+
+
+def test_redirect_to_internal_address_is_malicious() -> None:
+    """The fetcher refuses the hop (BLOCKED_TARGET) after following a public redirect."""
+    hops = [RedirectHop(url=URL, status=302,
+                        location="http://169.254.169.254/latest/meta-data/")]
+    refused = Report(fetcher_version="test", requested_url=URL, final_url=URL, http_status=302,
+                     redirects=hops, error=ReportError(code="BLOCKED_TARGET",
+                                                       message="address not allowed"))
+    result = analyze(URL, refused)
+    assert result.verdict is Verdict.MALICIOUS
+    signal = next(s for s in result.signals if s.name == "redirect_to_blocked_target")
+    assert "169.254.169.254" in signal.evidence
+    # the same hop reported without a status (the fetcher kept no response) counts too
+    bare = refused.model_copy(update={"http_status": None, "final_url": None})
+    assert analyze(URL, bare).verdict is Verdict.MALICIOUS
+
+
+def test_refused_target_without_redirect_is_not_evidence() -> None:
+    """A URL that names an internal address itself is refused, not judged (pipeline FAILs it)."""
+    direct = unfetched("http://10.0.0.1/", code="BLOCKED_TARGET")
+    result = analyze("http://10.0.0.1/", direct)
+    assert result.verdict is Verdict.UNKNOWN
+    assert "redirect_to_blocked_target" not in names(result)
+
+
+def test_blocklist_is_checked_when_the_fetch_was_refused(tmp_path: Path) -> None:
+    bl = blocklist_file(tmp_path, "sinkholed.test\n")
+    refused = unfetched("https://sinkholed.test/", code="BLOCKED_TARGET")
+    result = analyze("https://sinkholed.test/", refused, blocklist=bl)
+    assert result.verdict is Verdict.MALICIOUS
+    assert names(result) == {"blocklist_hit"}
+
+
+def test_body_cut_short_with_little_seen_is_unknown() -> None:
+    """A drip-fed page ended by the read deadline: a 200, a few bytes of text, nothing else."""
+    drip = report(error=ReportError(code="READ_TIMEOUT", message="deadline"),
+                  features=Features(parse="full", text="xxxxx"))
+    result = analyze(URL, drip)
+    assert result.verdict is Verdict.UNKNOWN and result.confidence < 0.5

@@ -33,6 +33,8 @@ def test_redis_url_wins_and_password_is_used(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("REDIS_HOST", "r1")
     monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
     assert load_settings().redis_dsn == "redis://:s3cret@r1:6379/0"
+    monkeypatch.setenv("REDIS_TLS", "true")  # a managed Redis: TLS to the same host and port
+    assert load_settings().redis_dsn == "rediss://:s3cret@r1:6379/0"
     monkeypatch.setenv("REDIS_URL", "redis://other:6380/2")
     assert load_settings().redis_dsn == "redis://other:6380/2"
 
@@ -47,6 +49,8 @@ def test_redis_url_wins_and_password_is_used(monkeypatch: pytest.MonkeyPatch) ->
     ("REDIS_URL", "http://x"),
     ("FETCH_ALLOWED_PORTS", "80,http"),
     ("FETCH_ALLOW_CIDRS", "10.0.0.0/33"),
+    ("FETCHER_DNS", "1.1.1.1,dns.example"),
+    ("FETCHER_USER_AGENT", "Agent\r\nX-Injected: 1"),
     ("LOG_FORMAT", "xml"),
     ("LOG_LEVEL", "loud"),
 ])
@@ -70,7 +74,10 @@ def test_fetcher_env_carries_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:pw@db/safeurl")
     env = load_settings().fetcher_env()
     assert set(env) == {"FETCH_ALLOWED_PORTS", "FETCH_ALLOW_CIDRS", "FETCH_MAX_REDIRECTS",
-                        "FETCH_MAX_BYTES", "FETCH_TIMEOUT_S"}
+                        "FETCH_MAX_BYTES", "FETCH_TIMEOUT_S", "FETCH_USER_AGENT",
+                        "FETCH_MAX_OUTPUT_BYTES"}
+    assert env["FETCH_USER_AGENT"].startswith("Mozilla/5.0")
+    assert env["FETCH_MAX_OUTPUT_BYTES"] == str(load_settings().container_output_max_bytes)
     assert not any("s3cret" in v or "pw@" in v for v in env.values())
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -265,22 +266,84 @@ def test_crd_manifests_match_their_schemas() -> None:
     assert seen == CRD_KINDS
 
 
-def test_keda_scales_on_the_consumer_group_lag() -> None:
+def test_keda_scales_on_the_backlog_and_on_the_running_scans() -> None:
     (so,) = k8s_kind("ScaledObject")
-    (trig,) = so["spec"]["triggers"]
-    md = trig["metadata"]
-    assert trig["type"] == "redis-streams"
-    assert md["stream"] == "scan-jobs" and md["consumerGroup"] == "scan-workers"
-    assert int(md["lagCount"]) >= 1 and int(md["activationLagCount"]) >= 0
-    assert "pendingEntriesCount" not in md and "streamLength" not in md
+    triggers = so["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == ["redis-streams", "redis-streams"]
+    for trig in triggers:
+        md = trig["metadata"]
+        assert md["stream"] == "scan-jobs" and md["consumerGroup"] == "scan-workers"
+    lag, pending = (t["metadata"] for t in triggers)
+    assert int(lag["lagCount"]) >= 1 and int(lag["activationLagCount"]) >= 0
+    # Running work keeps its pods: one replica per WORKER_CONCURRENCY pending entries.
+    (cm,) = k8s_kind("ConfigMap")
+    assert int(pending["pendingEntriesCount"]) == int(cm["data"]["WORKER_CONCURRENCY"])
+    assert "lagCount" not in pending and "streamLength" not in pending
     assert 1 <= so["spec"]["minReplicaCount"] < so["spec"]["maxReplicaCount"]
     assert so["spec"]["scaleTargetRef"]["name"] == deployment()["metadata"]["name"]
     (ta,) = k8s_kind("TriggerAuthentication")
-    assert trig["authenticationRef"]["name"] == ta["metadata"]["name"]
+    assert {t["authenticationRef"]["name"] for t in triggers} == {ta["metadata"]["name"]}
     (ref,) = ta["spec"]["secretTargetRef"]
     (secret,) = k8s_kind("Secret")
     assert ref["parameter"] == "password" and ref["name"] == secret["metadata"]["name"]
     assert ref["key"] in secret["stringData"]
+
+
+def _service_namespace(host: str) -> str:
+    """`name.namespace.svc[.cluster.local]` -> namespace."""
+    parts = host.split(".")
+    assert len(parts) >= 3 and parts[2] == "svc", f"not a cluster service name: {host}"
+    return parts[1]
+
+
+def test_the_cluster_manifests_agree_with_each_other() -> None:
+    """The relations a reading of the files found broken: where Redis and PostgreSQL live, who
+    may reach them, where KEDA finds Redis, and whether scale-in lets a scan finish."""
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    workers_ns = kust["namespace"]
+    (ns,) = k8s_kind("Namespace")
+    assert ns["metadata"]["name"] == workers_ns
+    (cm,) = k8s_kind("ConfigMap")
+    (secret,) = k8s_kind("Secret")
+    redis_ns = _service_namespace(cm["data"]["REDIS_HOST"])
+    pg_host = urllib.parse.urlsplit(secret["stringData"]["DATABASE_URL"]).hostname or ""
+    pg_ns = _service_namespace(pg_host)
+    # "Keep nothing else in it": the data services are not in the workers' namespace...
+    assert workers_ns not in {redis_ns, pg_ns}
+    # ...and the egress policy admits them in the namespace they are in (a bare podSelector
+    # would only match pods of the policy's own namespace).
+    (np,) = k8s_kind("NetworkPolicy")
+    peers = {}
+    for rule in np["spec"]["egress"]:
+        for peer in rule["to"]:
+            app = peer.get("podSelector", {}).get("matchLabels", {}).get(
+                "app.kubernetes.io/name")
+            ns_name = peer.get("namespaceSelector", {}).get("matchLabels", {}).get(
+                "kubernetes.io/metadata.name")
+            peers[app] = (ns_name, [p["port"] for p in rule["ports"]])
+    assert peers["redis"] == (redis_ns, [int(cm["data"]["REDIS_PORT"])])
+    assert peers["postgres"] == (pg_ns, [urllib.parse.urlsplit(
+        secret["stringData"]["DATABASE_URL"]).port or 5432])
+    # KEDA reads the Redis address and TLS choice from the worker's own environment: one place.
+    (so,) = k8s_kind("ScaledObject")
+    env_from = {e["configMapRef"]["name"] for e in _worker()["envFrom"] if "configMapRef" in e}
+    assert cm["metadata"]["name"] in env_from
+    for trig in so["spec"]["triggers"]:
+        md = trig["metadata"]
+        assert "address" not in md and "host" not in md, "the Redis address is in the configmap"
+        assert md["hostFromEnv"] == "REDIS_HOST" and md["portFromEnv"] == "REDIS_PORT"
+        assert md["enableTLS"] == cm["data"]["REDIS_TLS"]
+    # Scale-in and drains let a scan finish: grace > shutdown grace > the longest scan.
+    pod = deployment()["spec"]["template"]["spec"]
+    longest_scan_s = int(cm["data"]["CONTAINER_TIMEOUT_MS"]) / 1000
+    assert pod["terminationGracePeriodSeconds"] > float(cm["data"]["SHUTDOWN_GRACE_S"]) \
+        > longest_scan_s
+
+
+def _worker() -> dict[str, Any]:
+    (worker,) = [c for c in deployment()["spec"]["template"]["spec"]["containers"]
+                 if c["name"] == "worker"]
+    return worker
 
 
 def test_deployment_probes_grace_and_security() -> None:

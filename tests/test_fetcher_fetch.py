@@ -7,6 +7,7 @@ tests only ever talk to loopback.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import http.server
 import json
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,45 @@ location.replace('/next'); var b = "%s";</script>
 <iframe src="/attr" hidden></iframe>
 <a href="/a">a</a><a href="/b">b</a><a name="no-href">c</a>
 </body></html>""".replace(b"%s", b"QUJD" * 60)
+
+
+LOGIN = b"""<title>Sign in</title><form action=/post method=post><input type=email>
+<input type=password></form>"""
+BOMB = gzip.compress(b"<title>bomb</title>" + b" " * (8 * MIB), compresslevel=9)
+HTML = ("Content-Type", "text/html")
+
+
+def _hostile_page() -> bytes:
+    """Every list at its bound, every string long and non-ASCII: far over 1 MiB of report."""
+    wide = "\u00e9\u4e2d" * 600  # percent-encoded in URLs: 9000 characters, cut to 8192
+    parts = [f'<link rel=stylesheet href="/{wide}{i}"><link rel=icon href="/{wide}i{i}">'
+             f'<h1>{wide}{i}</h1><button>{wide}{i}</button>' for i in range(50)]
+    parts += [f'<form action="/{wide}{i}"><label>{wide}<input name=email></label></form>'
+              f'<iframe src="/{wide}{i}"></iframe><script src="/{wide}{i}"></script>'
+              f'<img src="/{wide}{i}" alt="{wide}">' for i in range(50)]
+    parts.append(f"<script>location.href='/{wide}'</script><p>{wide}</p>")
+    return "".join(parts).encode()
+
+
+# route -> (status, headers, body) for the Content-Encoding, Refresh and sniffing tests
+EXTRA: dict[str, tuple[int, list[tuple[str, str]], bytes]] = {
+    "/gzip": (200, [HTML, ("Content-Encoding", "gzip")], gzip.compress(LOGIN)),
+    "/deflate": (200, [HTML, ("Content-Encoding", "deflate")], zlib.compress(LOGIN)),
+    "/raw-deflate": (200, [HTML, ("Content-Encoding", "deflate")],
+                     zlib.compress(LOGIN)[2:-4]),  # raw deflate, as IIS sends it
+    "/bomb": (200, [HTML, ("Content-Encoding", "gzip")], BOMB),
+    "/br": (200, [HTML, ("Content-Encoding", "br")], b"\x1b\x00\x00"),
+    "/refresh-header": (200, [("Content-Type", "text/plain"), ("Refresh", "0; url=/page")],
+                        b"moved"),
+    "/sniff": (200, [], b"\n <div><form><input type=password></form></div>"),
+    "/text-plain": (200, [("Content-Type", "text/plain")], b"<div><form></form></div>"),
+    "/latin1": (200, [("Content-Type", "text/html; charset=idna")],
+                "<title>Caf\u00e9</title>".encode("latin-1")),
+    "/hostile": (200, [HTML], _hostile_page()),
+    "/long-redirect": (302, [("Location", "/" + "\u00e9" * 9000)], b""),
+    # http.server sends header values as Latin-1: these are the UTF-8 bytes of /caf\u00e9
+    "/utf8-redirect": (302, [("Location", "/caf\u00e9".encode().decode("latin-1"))], b""),
+}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -81,7 +122,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"y" * (5 * MIB))
             return None
+        if route in EXTRA:
+            status, headers, body = EXTRA[route]
+            return self.send_with(status, headers, body)
         return self.send(404, b"not found", "text/plain")
+
+    def send_with(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
 
     def redirect(self, status: int, location: str) -> None:
         self.send_response(status)
@@ -165,9 +218,11 @@ def test_benign_page_features(site: int) -> None:
     assert report["content_type"] == "text/html; charset=utf-8"
     assert len(report["headers"]["x-many"]) == 2048
     f = report["features"]
-    assert f["forms"] == [
-        {"action": f"{base}/sub/login.php", "method": "post", "has_password": True},
-        {"action": f"{base}/sub/", "method": "get", "has_password": False},
+    assert f["parse"] == "full" and f["parse_problem"] is None
+    no = {"has_email": False, "has_card": False, "has_otp": False, "text": ""}
+    assert f["forms"] == [  # an empty action is the document's URL, not <base href>
+        {"action": f"{base}/sub/login.php", "method": "post", "has_password": True, **no},
+        {"action": f"{base}/page", "method": "get", "has_password": False, **no},
     ]
     assert [(i["src"], i["hidden"]) for i in f["iframes"]] == [
         ("https://ads.example/x", True), (f"{base}/visible", False),
@@ -184,8 +239,10 @@ def test_benign_page_features(site: int) -> None:
     assert report["redirects"] == []  # a 30 s refresh is recorded, not followed
     sent = Handler.seen[0]
     assert sent["host"] == f"127.0.0.1:{site}"
-    assert sent["user-agent"] == "SafeURL-Fetcher/1.0"
-    assert (sent["accept-encoding"], sent["connection"]) == ("identity", "close")
+    assert sent["user-agent"] == fetch.USER_AGENT and "Mozilla/5.0" in sent["user-agent"]
+    assert "SafeURL" not in json.dumps(sent)  # nothing announces the scanner
+    assert (sent["accept-encoding"], sent["connection"]) == ("gzip, deflate", "close")
+    assert report["truncated"] == {}
 
 
 def test_redirect_chain_is_recorded(site: int) -> None:
@@ -267,6 +324,17 @@ def _drip(head: bytes) -> Callable[[socket.socket], None]:
     return handle
 
 
+def _scan_drip(head: bytes) -> tuple[dict[str, Any], float]:
+    """Scan a server that sends `head` and then drips, with a 1 s fetch deadline."""
+    port, stop = serve_raw(_drip(head))
+    try:
+        start = time.monotonic()
+        report = scan(f"http://127.0.0.1:{port}/", env_for(port, FETCH_TIMEOUT_S="1"))
+        return report, time.monotonic() - start
+    finally:
+        stop()
+
+
 @pytest.mark.parametrize(
     ("head", "status"),
     [
@@ -275,19 +343,27 @@ def _drip(head: bytes) -> Callable[[socket.socket], None]:
     ],
 )
 def test_slow_drip_times_out_at_the_deadline(head: bytes, status: int | None) -> None:
-    port, stop = serve_raw(_drip(head))
-    try:
-        start = time.monotonic()
-        report = scan(f"http://127.0.0.1:{port}/", env_for(port, FETCH_TIMEOUT_S="1"))
-        elapsed = time.monotonic() - start
-    finally:
-        stop()
+    report, elapsed = _scan_drip(head)
     assert report["error"]["code"] == "READ_TIMEOUT"
     assert 0.9 < elapsed < 2.0
     assert report["http_status"] == status
     if status:
         assert report["body_size"] > 0  # the partial page is kept and scanned
         assert report["title"].startswith("xa")
+
+
+def test_superlinear_page_cut_by_the_deadline_still_reports_in_time() -> None:
+    """A page that is slow to parse arriving as the deadline passes: the body read ends at the
+    deadline, the parse has its minimum budget, and the report (partial, with what was parsed)
+    is out before the last-resort alarm (deadline + 2 s)."""
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<title>Bank</title>"
+            b"<form><input type=password></form>" + b"<div>" * 300_000)
+    report, elapsed = _scan_drip(head)
+    assert report["error"]["code"] == "READ_TIMEOUT"
+    assert elapsed < 1 + 2, elapsed
+    f = report["features"]
+    assert report["title"] == "Bank" and f["forms"][0]["has_password"]
+    assert f["parse"] == "partial" and "time budget" in f["parse_problem"]
 
 
 def test_connection_refused() -> None:
@@ -410,3 +486,96 @@ def test_module_usage_error_still_prints_a_report() -> None:
                          text=True, timeout=30, cwd=ROOT)
     assert out.returncode == 2
     assert Report.model_validate_json(out.stdout).error is not None
+
+
+@pytest.mark.parametrize("path", ["/gzip", "/deflate", "/raw-deflate"])
+def test_content_encoding_is_decoded(site: int, path: str) -> None:
+    report = scan(f"http://127.0.0.1:{site}{path}", env_for(site))
+    f = report["features"]
+    assert (report["title"], f["parse"]) == ("Sign in", "full")
+    assert f["forms"][0]["has_password"] and f["forms"][0]["has_email"]
+    assert report["body_size"] == len(EXTRA[path][2])  # the bytes on the wire
+
+
+def test_gzip_bomb_is_cut_at_the_cap_with_a_reason(site: int) -> None:
+    report = scan(f"http://127.0.0.1:{site}/bomb", env_for(site, FETCH_MAX_BYTES=str(MIB)))
+    f = report["features"]
+    assert report["error"] is None and report["title"] == "bomb"
+    assert report["body_size"] == len(BOMB) < MIB  # what was read; 8 MiB when decoded
+    assert f["parse"] == "partial"
+    assert f"more than {MIB} bytes" in f["parse_problem"]
+
+
+def test_unsupported_content_encoding_is_said(site: int) -> None:
+    f = scan(f"http://127.0.0.1:{site}/br", env_for(site))["features"]
+    assert f["parse"] == "none" and "'br' is not supported" in f["parse_problem"]
+
+
+def test_refresh_header_is_followed_like_a_meta_refresh(site: int) -> None:
+    report = scan(f"http://127.0.0.1:{site}/refresh-header", env_for(site))
+    base = f"http://127.0.0.1:{site}"
+    assert [(h["url"], h["location"], h["kind"]) for h in report["redirects"]] == [
+        (f"{base}/refresh-header", f"{base}/page", "meta")]
+    assert report["final_url"] == f"{base}/page" and report["title"] == "Welcome home"
+
+
+def test_missing_content_type_is_sniffed(site: int) -> None:
+    sniffed = scan(f"http://127.0.0.1:{site}/sniff", env_for(site))["features"]
+    assert sniffed["parse"] == "full" and sniffed["forms"][0]["has_password"]
+    plain = scan(f"http://127.0.0.1:{site}/text-plain", env_for(site))["features"]
+    assert plain["parse"] == "none" and plain["forms"] == []  # text/plain is never HTML
+
+
+def test_unknown_charset_label_falls_back_not_fails(site: int) -> None:
+    report = scan(f"http://127.0.0.1:{site}/latin1", env_for(site))
+    assert report["error"] is None
+    assert report["title"] == "Caf\u00e9"  # not UTF-8, so windows-1252, as a browser does
+
+
+def test_user_agent_is_configurable(site: int) -> None:
+    scan(f"http://127.0.0.1:{site}/page", env_for(site, FETCH_USER_AGENT="Agent/9\r\nX: y"))
+    assert Handler.seen[0]["user-agent"] == "Agent/9  X: y"  # no header injection
+
+
+def test_refused_name_does_not_leak_its_internal_address() -> None:
+    def internal(host: str, port: int) -> list[str]:
+        return ["10.20.30.40", "fd00::5"]
+
+    report = scan("http://intranet.example/", {}, resolver=internal)
+    assert report["error"]["code"] == "BLOCKED_TARGET"
+    text = json.dumps(report)
+    assert "10.20.30.40" not in text and "fd00::5" not in text, text
+    assert "intranet.example" in report["error"]["message"]
+    assert report["resolved_addresses"] == []
+    literal = scan("http://10.20.30.40/", {})  # given by the submitter: nothing to hide
+    assert "10.20.30.40" in literal["error"]["message"]
+
+
+def test_redirect_urls_are_truncated(site: int) -> None:
+    report = scan(f"http://127.0.0.1:{site}/long-redirect", env_for(site))
+    hop = report["redirects"][0]
+    assert len(hop["location"]) == 8192  # percent-encoded by the URL parser, then cut
+
+
+def test_location_is_read_as_utf8_like_a_browser(site: int) -> None:
+    report = scan(f"http://127.0.0.1:{site}/utf8-redirect", env_for(site))
+    assert report["redirects"][0]["location"] == f"http://127.0.0.1:{site}/caf%C3%A9"
+
+
+@pytest.mark.parametrize("cap", [1024 * 1024, 64 * 1024])
+def test_hostile_page_report_fits_the_stdout_cap(site: int, cap: int) -> None:
+    out = subprocess.run(
+        [sys.executable, "-s", "-m", "safeurl_worker.fetcher",
+         f"http://127.0.0.1:{site}/hostile"],
+        capture_output=True, timeout=60, cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env_for(site, FETCH_MAX_OUTPUT_BYTES=str(cap))})
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) <= cap
+    report = Report.model_validate_json(out.stdout)
+    assert report.error is None and report.features.parse == "full"
+    assert report.truncated, "something had to be left out, and it is counted"
+    assert report.features.forms and report.features.images  # not everything was dropped
+    # Without the fitting the same report would be far over the cap:
+    unfitted = fetch.run(f"http://127.0.0.1:{site}/hostile",
+                         env_for(site, FETCH_MAX_OUTPUT_BYTES=str(1 << 30)))
+    assert len(json.dumps(unfitted, ensure_ascii=False).encode()) > 1024 * 1024

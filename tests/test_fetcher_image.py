@@ -6,6 +6,7 @@ Address literals must be refused by the program itself (BLOCKED_TARGET), bad sch
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -84,3 +85,37 @@ def test_image_runs_as_nobody_from_a_read_only_root() -> None:
     report = Report.model_validate_json(stdout)
     # allowed by the CIDR, so it really tries to connect - and --network none has no route
     assert report.error is not None and report.error.code == "CONNECT_FAILED"
+
+
+PROBE = r"""
+import gzip, json, sys, time
+sys.path.insert(0, "/app")
+from fetcher import content, htmlscan, weburl
+import selectolax, webencodings, idna, ada_url
+out = {}
+page = htmlscan.scan_html("<title>T</title><!-- --!><h1>PayPal</h1><![x[><form>"
+                          "<input type=password></form>", "http://kit.test/")
+out["tricks"] = [page.headings, page.forms[0]["has_password"], page.parse]
+out["utf16"] = content.decode_html(b"<meta charset=utf-16><p>\xc3\xa9", None)
+bomb = content.decode_content(gzip.compress(b" " * (64 << 20)), "gzip", 1 << 20)
+out["bomb"] = [len(bomb.body), bomb.partial]
+start = time.monotonic()
+deep = htmlscan.scan_html("<title>D</title>" + "<div>" * 300000, "http://kit.test/", 2.0)
+out["deep"] = [deep.parse, deep.title, round(time.monotonic() - start, 2)]
+print(json.dumps(out))
+"""
+
+
+def test_image_parses_like_a_browser_within_its_bounds() -> None:
+    """The image's own Python and wheels (selectolax, webencodings, idna, ada-url) import as
+    nobody from a read-only root, and the bounds hold under the worker's CPU share."""
+    out = subprocess.run(["docker", "run", *LOCKED_DOWN, "--cpus", "0.5", "--entrypoint",
+                          "python3", IMAGE, "-s", "-E", "-c", PROBE],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    probe = json.loads(out.stdout)
+    assert probe["tricks"] == [["PayPal"], True, "full"]
+    assert probe["utf16"] == ["<meta charset=utf-16><p>\u00e9", "utf-8"]
+    assert probe["bomb"] == [1 << 20, True]
+    parse, title, seconds = probe["deep"]
+    assert (parse, title) == ("partial", "D") and seconds < 2.0 * 1.3 + 1.0

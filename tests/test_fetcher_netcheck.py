@@ -113,6 +113,18 @@ INVALID: list[str] = [
     "http://exa mple.com/",
     "http://a..b/",
     "http://" + "a" * 9000 + ".com/",
+    # '+', '-', '_' in IPv4 parts: never a number (C's strtoul would read some of them as one)
+    "http://1.2.3.-4/",
+    "http://+127.0.0.1/",
+    "http://127.0.0.+1/",
+    "http://127.0.0.1_/",
+    "http://0x7f.0.0.0x-1/",
+    "http://-2130706433/",
+    # what browsers refuse (WHATWG), the fetcher refuses too
+    "http://xn--a.example/",
+    "http://xn--1ug.example/",
+    "http://1.2.3.08/",
+    "http://foo.0x4/",
 ]
 
 ALLOWED: list[tuple[str, str]] = [
@@ -267,7 +279,7 @@ def test_parse_url_normalizes_like_a_browser(url: str, serialized: str) -> None:
         ("::ffff:10.0.0.1", True),
         ("2002:808:808::1", False),  # 6to4 of a public address
         ("2002:c0a8:101::1", True),  # 6to4 of 192.168.1.1
-        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", True),  # Teredo is never fetched
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", True),  # Teredo client 192.0.2.45
         ("fe80::1%eth0", True),
     ],
 )
@@ -278,3 +290,105 @@ def test_address_block_reason(address: str, blocked: bool) -> None:
 
 def test_table_is_big_enough() -> None:
     assert len(BLOCKED_LITERALS) + len(INVALID) + len(ALLOWED) >= 40
+
+
+# The allowed set is an explicit table. These decisions must not move with the Python patch
+# release (`ipaddress.is_global` does: 2002:808:808::1 differs between 3.11.2 and 3.11.7, and
+# the sandbox image runs another patch release than the worker).
+ADDRESS_TABLE: list[tuple[str, str | None]] = [
+    # IPv4: public unicast allowed; the special-purpose registry's local ranges refused
+    ("8.8.8.8", None),
+    ("1.0.0.1", None),
+    ("192.31.196.1", None),  # AS112: globally reachable
+    ("192.52.193.1", None),  # AMT: globally reachable
+    ("223.255.255.254", None),
+    ("0.1.2.3", "this network"),
+    ("10.1.2.3", "private"),
+    ("100.64.0.1", "carrier-grade NAT"),
+    ("127.0.0.2", "loopback"),
+    ("169.254.169.254", "link-local"),
+    ("172.16.5.4", "private"),
+    ("192.0.0.170", "IETF protocol assignments"),
+    ("192.0.2.9", "documentation"),
+    ("192.88.99.1", "6to4 relay"),
+    ("192.168.0.1", "private"),
+    ("198.19.255.255", "benchmarking"),
+    ("198.51.100.1", "documentation"),
+    ("203.0.113.1", "documentation"),
+    ("239.255.255.250", "multicast"),
+    ("250.1.2.3", "reserved"),
+    ("255.255.255.255", "broadcast"),
+    # IPv6: global unicast 2000::/3 allowed, minus its refused table
+    ("2606:4700:4700::1111", None),
+    ("2a00:1450:4001:81c::200e", None),
+    ("2620:4f:8000::1", None),  # AS112 direct delegation: globally reachable
+    ("2001:db8::1", "documentation"),
+    ("2001:2::1", "benchmarking"),
+    ("2001:10::1", "ORCHID"),
+    ("2001:20::1", "IETF protocol assignments"),
+    ("2001:1::1", "IETF protocol assignments"),
+    ("3fff::1", "documentation"),
+    # outside 2000::/3: refused, whatever it is
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("::2", "IPv4-compatible"),
+    ("::8.8.8.8", "deprecated"),  # IPv4-compatible of a public address: still refused
+    ("::ffff:0:8.8.8.8", "deprecated"),  # IPv4-translated
+    ("::1:0:0:1", "reserved (::/8)"),
+    ("100::1", "discard-only"),
+    ("100:0:0:1::1", "dummy prefix"),
+    ("64:ff9b:1::1", "local-use NAT64"),
+    ("5f00::1", "SRv6"),  # RFC 9602
+    ("5f00:1:2:3::4", "SRv6"),
+    ("4000::1", "outside global unicast"),
+    ("1000::1", "outside global unicast"),
+    ("fc00::1", "unique local"),
+    ("fe80::1", "link-local"),
+    ("fec0::1", "site-local"),
+    ("ff05::2", "multicast"),
+    # forms that carry an IPv4 address: judged by that address
+    ("::ffff:8.8.8.8", None),
+    ("::ffff:127.0.0.1", "127.0.0.1 is loopback"),
+    ("64:ff9b::808:808", None),
+    ("64:ff9b::a9fe:a9fe", "169.254.169.254 is link-local"),
+    ("2002:808:808::1", None),  # 6to4 of 8.8.8.8: the case is_global changed on
+    ("2002:a00:1::1", "10.0.0.1 is private"),
+    ("2002:c058:6301::1", "192.88.99.1 is 6to4 relay"),
+    ("2001:0:808:808:0:0:f7f7:f7f7", None),  # Teredo: server and client 8.8.8.8
+    ("2001:0:808:808::ffff:ffff", "Teredo client IPv4 0.0.0.0"),
+    ("2001:0:7f00:1::f7f7:f7f7", "Teredo server IPv4 127.0.0.1"),
+]
+
+
+@pytest.mark.parametrize(("address", "why"), ADDRESS_TABLE)
+def test_address_table(address: str, why: str | None) -> None:
+    reason = netcheck.address_block_reason(ipaddress.ip_address(address))
+    if why is None:
+        assert reason is None
+    else:
+        assert reason is not None and why in reason, reason
+
+
+def test_address_table_does_not_ask_ipaddress_what_is_global(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: object) -> bool:
+        raise AssertionError("the decision must come from the table")
+
+    for cls in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+        for prop in ("is_global", "is_private", "is_reserved", "is_link_local", "is_loopback"):
+            monkeypatch.setattr(cls, prop, property(refuse))
+    for address, why in ADDRESS_TABLE:
+        reason = netcheck.address_block_reason(ipaddress.ip_address(address))
+        assert (reason is None) == (why is None), address
+
+
+@pytest.mark.parametrize(("url", "host"), [
+    ("http://evil.example\\@good.example/", "evil.example"),  # the fetcher goes to evil
+    ("http://good.example@evil.example/", "evil.example"),
+    ("http://fa\u00df.example/", "xn--fa-hia.example"),
+    ("http://\u0dc1\u0dca\u200d\u0dbb\u0dd3.example/", "xn--10cl1a0b660p.example"),
+])
+def test_the_fetcher_connects_to_the_browser_host(url: str, host: str) -> None:
+    result = check(url)
+    assert result.ok, result.reason
+    assert result.host == host

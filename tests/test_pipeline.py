@@ -29,7 +29,9 @@ from safeurl_worker.intake import InFlight
 from safeurl_worker.metrics import Metrics
 from safeurl_worker.models import (
     Analysis,
+    Features,
     Job,
+    RedirectHop,
     Report,
     ReportError,
     Signal,
@@ -368,7 +370,8 @@ def ok(url: str = URL, **report: Any) -> RunResult:
     return RunResult(RunStatus.OK, Report(fetcher_version="test", requested_url=url,
                                           final_url=url, http_status=200,
                                           content_type="text/html", title="Example",
-                                          **report), exit_code=0, seconds=0.01)
+                                          **{"features": Features(parse="full", text="Hello"),
+                                             **report}), exit_code=0, seconds=0.01)
 
 
 def crashed() -> RunResult:
@@ -556,6 +559,17 @@ async def test_invalid_output_and_blocked_target_fail_at_once(result: RunResult,
     assert (row.state, row.error_code, row.attempts, row.faults) == (State.FAILED, code, 1, 0)
     assert len(h.runner.runs) == 1
     assert h.events[-2:] == [write(State.FETCHING, State.FAILED), ("ack", m.message_id)]
+
+
+async def test_redirect_to_a_refused_address_is_a_malicious_result() -> None:
+    """A public page that redirected to an internal address: the refused hop is evidence."""
+    hop = RedirectHop(url=URL, status=302, location="http://169.254.169.254/latest/")
+    h = build(ok(redirects=[hop],
+                 error=ReportError(code="BLOCKED_TARGET", message="address not allowed")))
+    job = h.store.add()
+    await h.deliver(job.id)
+    assert h.store.jobs[job.id].state is State.COMPLETED
+    assert h.store.results[job.id]["verdict"] == "malicious"
 
 
 async def test_docker_unavailable_is_waited_out_without_a_fault() -> None:

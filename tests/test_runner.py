@@ -61,6 +61,11 @@ def test_sandbox_settings() -> None:
     assert hc["ReadonlyRootfs"] is True and hc["CapDrop"] == ["ALL"]
     assert "no-new-privileges" in hc["SecurityOpt"]
     assert hc["PidsLimit"] > 0 and "/tmp" in hc["Tmpfs"]
+    limits = {u["Name"]: (u["Soft"], u["Hard"]) for u in hc["Ulimits"]}
+    assert limits["core"] == (0, 0) and limits["nofile"][1] <= 1024
+    assert limits["fsize"] == (s.container_tmpfs_mb * 2**20,) * 2
+    assert 0 < hc["ShmSize"] <= 16 * 2**20
+    assert hc["DnsSearch"] == ["."] and "Dns" not in hc  # no host search domains
     assert hc["Binds"] == [] and hc["NetworkMode"] == "none" and c["NetworkDisabled"] is True
     assert not any("s3cret" in e for e in c["Env"])
 
@@ -260,3 +265,10 @@ async def test_container_that_could_not_be_removed_is_removed_by_the_next_run() 
     # The leftover goes first, by its own id (a handle, no label search), then the new run.
     assert daemon.calls[:3] == ["container", "delete", "create"]
     assert daemon.deleted
+
+
+def test_fetcher_dns_servers_come_from_config() -> None:
+    s = load_settings(fetcher_dns=" 192.0.2.53, 2001:db8::53 ", fetcher_user_agent="UA/1")
+    hc = container_config(s, uuid.uuid4(), "http://a.test/")["HostConfig"]
+    assert hc["Dns"] == ["192.0.2.53", "2001:db8::53"] and hc["DnsSearch"] == ["."]
+    assert "FETCH_USER_AGENT=UA/1" in container_config(s, uuid.uuid4(), "http://a.test/")["Env"]

@@ -236,6 +236,13 @@ async def test_running_fetcher_container_is_locked_down(
         assert {"rw", "noexec", "nosuid", "nodev"} <= tmp_opts, tmp_opts
         assert me["docker_sock"] == []
         assert not any("docker.sock" in m for m in me["mounts"])
+        # No search domains from the host: a bare name must not become an internal one.
+        assert hc["DnsSearch"] == ["."]
+        rc, out, err = await _exec(container.id, "print(open('/etc/resolv.conf').read())")
+        assert rc == 0, err
+        domains = [w for line in out.splitlines() if line.startswith("search")
+                   for w in line.split()[1:] if w != "."]
+        assert domains == [], out
     finally:
         await _remove(container)
     assert docker("ps", "-aq", "--filter", f"label={LABEL_JOB}={job_id}") == ""

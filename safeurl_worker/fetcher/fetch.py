@@ -12,20 +12,22 @@ import contextlib
 import hashlib
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import htmlscan, netcheck
+from . import content, htmlscan, netcheck, reportfit
 
-FETCHER_VERSION = "1.0.0"
-USER_AGENT = "SafeURL-Fetcher/1.0"
+FETCHER_VERSION = "1.1.0"
+# What a visitor's browser sends: a scanner that announces itself is trivially cloaked against.
+USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/142.0.0.0 Safari/537.36")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_HEADERS = 100
 MAX_HEADER_VALUE = 2048
@@ -55,6 +57,8 @@ class FetchConfig:
     max_redirects: int = 5
     max_bytes: int = 2 * 1024 * 1024
     timeout_s: float = 20.0
+    user_agent: str = USER_AGENT
+    max_output: int = reportfit.DEFAULT_MAX_OUTPUT  # the worker's stdout cap
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FetchConfig:
@@ -71,10 +75,13 @@ class FetchConfig:
                 max_redirects=min(int(get("FETCH_MAX_REDIRECTS", "5")), MAX_REDIRECT_HOPS),
                 max_bytes=int(get("FETCH_MAX_BYTES", str(2 * 1024 * 1024))),
                 timeout_s=float(get("FETCH_TIMEOUT_S", "20")),
+                user_agent=_header_safe(get("FETCH_USER_AGENT", USER_AGENT)),
+                max_output=int(get("FETCH_MAX_OUTPUT_BYTES", str(reportfit.DEFAULT_MAX_OUTPUT))),
             )
         except ValueError as exc:
             raise ValueError(f"invalid FETCH_* configuration: {exc}") from None
-        if cfg.max_redirects < 0 or cfg.max_bytes < 1 or not cfg.timeout_s > 0:
+        if (cfg.max_redirects < 0 or cfg.max_bytes < 1 or not cfg.timeout_s > 0
+                or cfg.max_output < reportfit.MIN_OUTPUT):
             raise ValueError("invalid FETCH_* configuration: values must be positive")
         return cfg
 
@@ -210,33 +217,67 @@ class Fetcher:
     def _check(self, url: str) -> netcheck.CheckResult:
         check = netcheck.check_url(url, self.cfg.allowed_ports, self.cfg.allow_cidrs,
                                    resolver=self.resolver, clock=time.monotonic)
-        for addr in check.addresses:
-            if addr not in self.addresses:
-                self.addresses.append(addr)
         if check.dns_ms is not None:
             self.dns_ms = (self.dns_ms or 0.0) + check.dns_ms
         if not check.ok:
-            raise FetchError(check.code or "BLOCKED_TARGET", check.reason)
+            raise FetchError(check.code or "BLOCKED_TARGET", _redacted(check))
+        for addr in check.addresses:  # only addresses we were allowed to connect to
+            if addr not in self.addresses:
+                self.addresses.append(addr)
         return check
 
     def _next_hop(self, resp: Response) -> dict[str, Any] | None:
         here = resp.url.serialize()
-        location = resp.header("location")
+        location = _utf8_header(resp.header("location"))
         if resp.status in REDIRECT_STATUSES and location:
             target = htmlscan.resolve(here, location)
             return {"url": here, "status": resp.status, "location": target, "kind": "http"}
-        ctype = resp.header("content-type")
-        if not htmlscan.looks_like_html(ctype, resp.body):
-            return None
-        self.page = htmlscan.scan_html(htmlscan.decode_body(resp.body, ctype), here)
-        refresh = self.page.meta_refresh
+        self.page = self._scan(resp, here)
+        refresh = self.page.meta_refresh if self.page is not None else None
         # A page that refreshes itself (news tickers) is not a redirect, and neither is a long
         # delay (session timeouts): only what a visitor would land on at once is followed.
-        if refresh is None or urllib.parse.urldefrag(refresh)[0] == here:
+        if refresh is None or refresh.split("#", 1)[0] == here.split("#", 1)[0]:
             return None
+        assert self.page is not None
         if self.page.meta_refresh_delay > MAX_REFRESH_DELAY_S:
             return None
         return {"url": here, "status": None, "location": refresh, "kind": "meta"}
+
+    def _scan(self, resp: Response, here: str) -> htmlscan.PageFeatures | None:
+        """The page's features (None for a body that is not HTML and has no Refresh header)."""
+        decoded = content.decode_content(resp.body, resp.header("content-encoding"),
+                                         self.cfg.max_bytes)
+        ctype = resp.header("content-type")
+        page: htmlscan.PageFeatures | None = None
+        if not decoded.decoded:
+            page = htmlscan.PageFeatures(scripts=htmlscan.script_stats([], 0),
+                                         parse_problem=decoded.problem)
+        elif content.is_html(ctype, decoded.body):
+            text, page_encoding = content.decode_html(decoded.body, ctype)
+            page = htmlscan.scan_html(text, here, self._parse_budget())
+            page.encoding = page_encoding
+            for problem in (decoded.problem, self._body_problem(resp)):
+                if problem:
+                    page.mark_partial(problem)
+        refresh = htmlscan.parse_refresh(_utf8_header(resp.header("refresh")) or "")
+        if refresh is not None and refresh[1] is not None:
+            # The Refresh header acts before the document's own <meta> refresh does.
+            page = page or htmlscan.PageFeatures(scripts=htmlscan.script_stats([], 0))
+            page.meta_refresh = htmlscan.resolve(here, refresh[1])
+            page.meta_refresh_delay = refresh[0]
+        return page
+
+    def _parse_budget(self) -> float:
+        """Parsing gets what is left of the deadline (at least 1 s, at most PARSE_BUDGET_S):
+        the __main__ alarm leaves 2 s past the deadline, so a late body is still scanned."""
+        return max(1.0, min(htmlscan.PARSE_BUDGET_S, self.deadline.remaining() - 0.5))
+
+    def _body_problem(self, resp: Response) -> str | None:
+        if resp.truncated:
+            return f"body over {self.cfg.max_bytes} bytes; the first {self.cfg.max_bytes} were read"
+        if resp.error is not None:
+            return f"body cut short ({resp.error.code}); what arrived was parsed"
+        return None
 
     def _fail(self, code: str, message: str) -> None:
         self.error = {"code": code, "message": message[:2048]}
@@ -327,9 +368,12 @@ class Fetcher:
               url: netcheck.ParsedUrl) -> None:
         sock.settimeout(max(0.01, self.deadline.remaining()))
         conn.putrequest("GET", url.path, skip_host=True, skip_accept_encoding=True)
-        for name, value in (("Host", url.host_header), ("User-Agent", USER_AGENT),
-                            ("Accept", "text/html,application/xhtml+xml,*/*;q=0.8"),
-                            ("Accept-Encoding", "identity"), ("Connection", "close")):
+        for name, value in (("Host", url.host_header), ("User-Agent", self.cfg.user_agent),
+                            ("Accept", "text/html,application/xhtml+xml,application/xml;q=0.9,"
+                                       "*/*;q=0.8"),
+                            ("Accept-Language", "en-US,en;q=0.9"),
+                            ("Accept-Encoding", content.ACCEPT_ENCODING),
+                            ("Connection", "close")):
             conn.putheader(name, value)
         conn.endheaders()
 
@@ -378,7 +422,7 @@ class Fetcher:
             "fetcher_version": FETCHER_VERSION,
             "requested_url": self.requested_url[: netcheck.MAX_URL],
             "final_url": resp.url.serialize()[: netcheck.MAX_URL] if resp else None,
-            "redirects": self.redirects[:MAX_REDIRECT_HOPS],
+            "redirects": [_bounded_hop(h) for h in self.redirects[:MAX_REDIRECT_HOPS]],
             "resolved_addresses": [a[:64] for a in self.addresses[:MAX_ADDRESSES]],
             "connected_address": self.connected[:64] if self.connected else None,
             "tls": self.tls,
@@ -388,10 +432,61 @@ class Fetcher:
             "error": self.error,
         }
         report.update(_response_fields(resp))
+        truncated: dict[str, int] = {}
+        if len(self.redirects) > MAX_REDIRECT_HOPS:
+            truncated["redirects"] = len(self.redirects) - MAX_REDIRECT_HOPS
+        if resp is not None and len(report["headers"]) < len({k.lower() for k, _ in resp.headers}):
+            truncated["headers"] = len({k.lower() for k, _ in resp.headers}) - MAX_HEADERS
         if self.page is not None:
             report["title"] = self.page.title
-        cleaned: dict[str, Any] = clean(report)
+            truncated.update(self.page.dropped)
+        report["truncated"] = truncated
+        cleaned: dict[str, Any] = reportfit.fit(clean(report), self.cfg.max_output)
         return cleaned
+
+
+def _header_safe(value: str) -> str:
+    """A header value cannot carry CR, LF or NUL (http.client would refuse to send it)."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", value)[:512]
+
+
+def _utf8_header(value: str | None) -> str | None:
+    """http.client decodes header bytes as Latin-1; a browser reads a URL in `Location` or
+    `Refresh` as UTF-8 (`/caf\u00c3\u00a9` on the wire is `/caf\u00e9`)."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
+def _bounded_hop(hop: dict[str, Any]) -> dict[str, Any]:
+    return {**hop, "url": str(hop["url"])[: netcheck.MAX_URL],
+            "location": str(hop["location"])[: netcheck.MAX_URL]}
+
+
+_ADDRESS_TOKEN = re.compile(r"[0-9A-Za-z:.%]+")
+
+
+def _redacted(check: netcheck.CheckResult) -> str:
+    """The refusal, without the internal addresses a name resolved to: the message is stored
+    with the result, and which internal address a public name points at is the operator's
+    secret, not the submitter's. A literal address in the URL is already in the report."""
+    if check.url is None or check.url.ip is not None or not check.blocked:
+        return check.reason
+
+    def hide(m: re.Match[str]) -> str:
+        token = m.group(0)
+        if m.string[m.end():m.end() + 1] == "/":
+            return token  # a network such as 10.0.0.0/8 says which rule, not which host
+        try:
+            ipaddress.ip_address(token.split("%", 1)[0])
+        except ValueError:
+            return token
+        return "<address>"
+
+    return _ADDRESS_TOKEN.sub(hide, check.reason)
 
 
 def _ms(value: float | None, scale: float = 1.0) -> float | None:

@@ -1,16 +1,32 @@
-"""Extract the page features the worker scores, with html.parser (never executes anything).
+"""Extract the page features the worker scores from the tree a browser would build.
 
-Every list and string is bounded here to the limits of `safeurl_worker.models.Features`.
+The page is parsed by Lexbor (`selectolax`), an HTML5 parser that follows the WHATWG tree
+construction rules, so comment and markup tricks (`<!-- --!>`, `<!-->`, `<![x[>`, misnested
+tables) hide nothing from us that they do not hide from a browser. Nothing is ever executed.
+
+Parsing is bounded three ways, and reaching a bound gives `parse: "partial"` with the features
+of what was parsed (never an empty report): a size cap (`MAX_PARSE_CHARS`), an element cap
+(`MAX_TAGS`, checked before parsing; Lexbor's DOM costs about 1 KB per element) and a time
+budget. Lexbor is superlinear on some inputs (deeply nested elements, thousands of attributes on
+one tag) and cannot be interrupted, so the text is parsed in growing prefixes, each in a thread
+with the time left; the longest prefix parsed in time is the one used.
+
+Every list and string is bounded here to the limits of `safeurl_worker.models.Features`; what
+was left out is counted in `PageFeatures.dropped`.
 """
 
 from __future__ import annotations
 
-import codecs
 import re
-import urllib.parse
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from typing import Any
+
+from selectolax.lexbor import LexborHTMLParser, LexborNode
+
+from . import weburl
 
 MAX_URL = 8192
 MAX_FORMS = 50
@@ -18,8 +34,24 @@ MAX_IFRAMES = 50
 MAX_SCRIPTS = 50
 MAX_JS_REDIRECTS = 20
 MAX_TITLE = 1024
+MAX_LABEL = 256
+MAX_HEADINGS = 20
+MAX_BUTTONS = 20
+MAX_ICONS = 10
+MAX_IMAGES = 50
+MAX_STYLESHEETS = 50
+MAX_TEXT = 4096
+MAX_FIELDS = 64  # controls examined per form
 # Inline script text kept for the statistics; beyond this a page is scored on what was kept.
 MAX_SCRIPT_TEXT = 4 * 1024 * 1024
+
+MAX_PARSE_CHARS = 4 * 1024 * 1024
+MAX_TAGS = 150_000  # '<' characters parsed: an upper bound on elements, hence on DOM memory
+PARSE_BUDGET_S = 4.0
+FIRST_PREFIX = 16 * 1024  # always parsed, in this thread: cheap even at Lexbor's worst
+PREFIX_GROWTH = 4
+TEXT_NODE_BUDGET = 100_000  # nodes visited for the visible text
+LABEL_NODE_BUDGET = 400  # nodes visited for one short label
 
 _COUNTERS = {
     "eval_count": re.compile(r"\beval\s*\("),
@@ -36,8 +68,34 @@ _JS_REDIRECTS = [
     # location.replace(".."), location.assign("..")
     re.compile(r"\blocation\s*\.\s*(?:replace|assign)\s*\(\s*" + _QUOTED),
 ]
-_REFRESH_URL = re.compile(
-    r"""^\s*(?P<delay>[\d.]*)\s*[;,]?\s*(?:url\s*=\s*)?(?P<u>.*)$""", re.I | re.S)
+_ASCII_WS = "\t\n\x0c\r "
+_HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
+
+# What a form asks for, read from a control's type, autocomplete, name, id, placeholder,
+# aria-label and label text.
+_EMAIL_HINT = re.compile(r"e-?mail|user|login|account|ident|\bid\b|correo|courriel|benutzer",
+                         re.I)
+# Kits misspell the type (`type="Contraseña"` is a text field) yet ask for the password.
+_PASSWORD_HINT = re.compile(r"passw|(?<![a-z])pwd?(?![a-z])|contrase|mot de passe|kennwort|"
+                            "senha|wachtwoord|\u043f\u0430\u0440\u043e\u043b\u044c|"
+                            "\u5bc6\u7801|\u30d1\u30b9\u30ef\u30fc\u30c9", re.I)
+_CARD_HINT = re.compile(r"card|cc-?(?:num|exp|csc|cvv)|ccnum|\bcvv|\bcvc|\bcsc\b|expir|"
+                        r"\bexp(?:iry)?[-_ ]?(?:date|month|year)|mm\s*/\s*yy|credit|tarjeta|"
+                        r"karte", re.I)
+_OTP_HINT = re.compile(r"\botp\b|one[-_ ]?time|\b2fa\b|\bmfa\b|two[-_ ]?(?:factor|step)|"
+                       r"verification[-_ ]?code|verify[-_ ]?code|sms[-_ ]?code|auth\w*[-_ ]?code|"
+                       r"passcode|security[-_ ]?code|(?:sms|text|login|access)[-_ ]?code", re.I)
+_CARD_AUTOCOMPLETE = ("cc-number", "cc-exp", "cc-exp-month", "cc-exp-year", "cc-csc")
+_NOT_FIELDS = frozenset({"hidden", "submit", "button", "reset", "image", "checkbox", "radio",
+                         "file", "range", "color"})
+_SUBMIT_TYPES = frozenset({"submit", "button", "reset", "image"})
+_BLOCKS = frozenset({
+    "address", "article", "aside", "blockquote", "br", "button", "dd", "div", "dl", "dt",
+    "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6",
+    "header", "hr", "label", "legend", "li", "main", "nav", "ol", "option", "p", "pre",
+    "section", "table", "td", "th", "tr", "ul"})
+_INVISIBLE = frozenset({"script", "style", "noscript", "template", "head", "title", "iframe",
+                        "object", "embed", "frameset"})
 
 
 @dataclass
@@ -51,10 +109,23 @@ class PageFeatures:
     external_scripts: list[str] = field(default_factory=list)
     scripts: dict[str, int] = field(default_factory=dict)
     links_count: int = 0
+    headings: list[str] = field(default_factory=list)
+    meta: dict[str, str | None] = field(default_factory=dict)
+    icons: list[str] = field(default_factory=list)
+    images: list[dict[str, str]] = field(default_factory=list)
+    stylesheets: list[str] = field(default_factory=list)
+    buttons: list[str] = field(default_factory=list)
+    text: str = ""
+    parse: str = "none"
+    parse_problem: str | None = None
+    encoding: str | None = None  # not part of the report
+    dropped: dict[str, int] = field(default_factory=dict)  # items left out, per feature
 
     def features(self) -> dict[str, Any]:
         """The report's `features` object."""
         return {
+            "parse": self.parse,
+            "parse_problem": self.parse_problem[:2048] if self.parse_problem else None,
             "forms": self.forms[:MAX_FORMS],
             "iframes": self.iframes[:MAX_IFRAMES],
             "meta_refresh": self.meta_refresh,
@@ -62,50 +133,132 @@ class PageFeatures:
             "external_scripts": self.external_scripts[:MAX_SCRIPTS],
             "scripts": self.scripts,
             "links_count": self.links_count,
+            "headings": self.headings[:MAX_HEADINGS],
+            "meta": self.meta,
+            "icons": self.icons[:MAX_ICONS],
+            "images": self.images[:MAX_IMAGES],
+            "stylesheets": self.stylesheets[:MAX_STYLESHEETS],
+            "buttons": self.buttons[:MAX_BUTTONS],
+            "text": self.text[:MAX_TEXT],
         }
 
+    def add(self, name: str, items: list[Any], item: Any, limit: int) -> None:
+        """Append `item` unless the list is full; count it as dropped if it is."""
+        if len(items) < limit:
+            items.append(item)
+        else:
+            self.drop(name)
 
-def empty_features() -> dict[str, Any]:
-    return PageFeatures(scripts=script_stats([], 0)).features()
+    def drop(self, name: str, count: int = 1) -> None:
+        self.dropped[f"features.{name}"] = self.dropped.get(f"features.{name}", 0) + count
+
+    def full(self, name: str, items: list[Any], limit: int, left: int) -> bool:
+        """True (and the `left` items not looked at counted) once `items` has `limit` items."""
+        if len(items) < limit:
+            return False
+        self.drop(name, left)
+        return True
+
+    def mark_partial(self, problem: str) -> None:
+        if self.parse != "none":
+            self.parse = "partial"
+        self.parse_problem = f"{self.parse_problem}; {problem}" if self.parse_problem else problem
+
+
+def empty_features(problem: str | None = None) -> dict[str, Any]:
+    return PageFeatures(scripts=script_stats([], 0), parse_problem=problem).features()
+
+
+# --- small pure helpers ---------------------------------------------------------------------
+
+
+def collapse(text: str) -> str:
+    """Whitespace runs as one space, trimmed (as titles and labels are shown; a no-break
+    space counts too, so "Pay\u00a0Pal" reads as the words a visitor sees)."""
+    return " ".join(text.split())
 
 
 def resolve(base: str, ref: str) -> str:
-    """Absolute URL like a browser: whitespace trimmed, '\\' as '/', bounded length."""
-    ref = ref.strip().replace("\t", "").replace("\n", "").replace("\r", "")
-    scheme = ref.partition(":")[0].lower()
-    if scheme in ("javascript", "data", "mailto", "tel", "about", "blob"):
-        return ref[:MAX_URL]  # not resolvable; kept verbatim so the analysis sees it
+    """Absolute URL like a browser (WHATWG, via weburl.join), bounded in length. A reference a
+    browser could not resolve is kept as written, so the analysis still sees it."""
     try:
-        return urllib.parse.urljoin(base, ref.replace("\\", "/"))[:MAX_URL]
-    except ValueError:  # e.g. a malformed IPv6 literal
-        return ref[:MAX_URL]
+        joined = weburl.join(base, ref)
+    except ValueError:  # UnicodeError included; join itself returns None for what it refuses
+        joined = None
+    if joined is None:
+        return ref.strip(_ASCII_WS)[:MAX_URL]
+    return joined[:MAX_URL]
 
 
-def parse_refresh(content: str) -> tuple[float, str | None]:
-    """Delay and URL of a `<meta http-equiv=refresh content="5; url='...'">` (URL may be None)."""
-    m = _REFRESH_URL.match(content)
-    if m is None:
-        return 0.0, None
-    try:
-        delay = float(m.group("delay") or 0)
-    except ValueError:
-        delay = 0.0
-    target = m.group("u").strip()
-    if len(target) >= 2 and target[0] in "'\"" and target[-1] == target[0]:
-        target = target[1:-1]
-    elif target[:1] in ("'", '"'):
-        target = target[1:].split(target[0], 1)[0]
-    return delay, target.strip() or None
+def parse_refresh(content: str) -> tuple[float, str | None] | None:
+    """The HTML standard's "shared declarative refresh steps" for `<meta http-equiv=refresh>`
+    and the `Refresh` header: None when it is not a refresh at all, else (delay, URL or None
+    for "reload this page")."""
+    s, pos, n = content, 0, len(content)
+    while pos < n and s[pos] in _ASCII_WS:
+        pos += 1
+    start = pos
+    while pos < n and s[pos].isascii() and s[pos].isdigit():
+        pos += 1
+    if pos == start and (pos >= n or s[pos] != "."):
+        return None
+    delay = float(s[start:pos] or 0)
+    while pos < n and (s[pos] == "." or (s[pos].isascii() and s[pos].isdigit())):
+        pos += 1
+    if pos >= n:
+        return delay, None
+    if s[pos] not in ";," + _ASCII_WS:
+        return None
+    while pos < n and s[pos] in _ASCII_WS:
+        pos += 1
+    if pos < n and s[pos] in ";,":
+        pos += 1
+        while pos < n and s[pos] in _ASCII_WS:
+            pos += 1
+    if pos >= n:
+        return delay, None
+    return delay, _refresh_url(s, pos) or None
 
 
-def _hidden_iframe(attrs: dict[str, str]) -> bool:
+def _refresh_url(s: str, pos: int) -> str:
+    url_start = pos
+    rest = s[pos:]
+    if rest[:3].lower() == "url":
+        pos += 3
+        while pos < len(s) and s[pos] in _ASCII_WS:
+            pos += 1
+        if pos < len(s) and s[pos] == "=":
+            pos += 1
+            while pos < len(s) and s[pos] in _ASCII_WS:
+                pos += 1
+        else:
+            pos = url_start  # "url" not followed by '=': it is the URL itself
+    quote = s[pos] if pos < len(s) and s[pos] in "'\"" else None
+    if quote:
+        pos += 1
+    url = s[pos:]
+    if quote and quote in url:
+        url = url[:url.index(quote)]
+    return url.strip(_ASCII_WS)
+
+
+def _hidden(node: LexborNode) -> bool:
+    attrs = node.attrs
     if "hidden" in attrs:
         return True
+    style = attrs.get("style") or ""
+    return bool(style) and _HIDDEN_STYLE.search(style) is not None
+
+
+def _hidden_iframe(node: LexborNode) -> bool:
+    if _hidden(node):
+        return True
+    attrs = node.attrs
     for dim in ("width", "height"):
-        if attrs.get(dim, "").strip().lower().removesuffix("px").strip() in ("0", "1"):
+        value = (attrs.get(dim) or "").strip().lower().removesuffix("px").strip()
+        if value in ("0", "1"):
             return True
-    style = re.sub(r"\s+", "", attrs.get("style", "").lower())
-    return "display:none" in style or "visibility:hidden" in style
+    return False
 
 
 def script_stats(texts: list[str], inline_count: int) -> dict[str, int]:
@@ -131,160 +284,409 @@ def js_redirects(texts: list[str], base: str) -> list[str]:
     return found
 
 
-class _Scanner(HTMLParser):
-    def __init__(self, base_url: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.base = base_url
-        self.base_seen = False
-        self.page = PageFeatures()
-        self.title_parts: list[str] | None = None
-        self.title_done = False
-        self.form: dict[str, Any] | None = None
-        self.script_parts: list[str] | None = None
-        self.scripts: list[str] = []
-        self.script_chars = 0
-        self.inline_count = 0
+def short_text(node: LexborNode, limit: int = MAX_LABEL,
+               max_nodes: int = LABEL_NODE_BUDGET) -> str:
+    """The visible words inside `node`, collapsed and cut; bounded work whatever the subtree."""
+    parts = visible_text(node, limit, max_nodes)
+    return collapse(parts)[:limit]
 
-    def handle_starttag(self, tag: str, attrs_list: list[tuple[str, str | None]]) -> None:
-        attrs = {k: (v or "") for k, v in attrs_list}
-        handler = getattr(self, f"_start_{tag}", None)
-        if handler is not None:
-            handler(attrs)
 
-    def handle_startendtag(self, tag: str, attrs_list: list[tuple[str, str | None]]) -> None:
-        self.handle_starttag(tag, attrs_list)
-        if tag in ("script", "title", "form"):
-            self.handle_endtag(tag)
+def visible_text(root: LexborNode, limit: int, max_nodes: int) -> str:
+    """Text a reader would see under `root`, in order, with a space at block boundaries;
+    stops after about `limit` characters or `max_nodes` nodes."""
+    out: list[str] = []
+    size = visited = 0
+    stack: list[LexborNode | str | None] = [root.first_child]
+    while stack and size < limit * 2 + 64 and visited < max_nodes:
+        node = stack.pop()
+        if node is None:
+            continue
+        if isinstance(node, str):
+            out.append(node)
+            continue
+        visited += 1
+        stack.append(node.next)
+        if node.is_text_node:
+            text = node.text_content or ""
+            out.append(text)
+            size += len(text)
+        elif node.is_element_node:
+            tag = node.tag or ""
+            if tag in _INVISIBLE or _hidden(node):
+                continue
+            if tag in _BLOCKS:
+                out.append(" ")
+                stack.append(" ")
+            stack.append(node.first_child)
+    return "".join(out)
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "title" and self.title_parts is not None:
-            title = " ".join("".join(self.title_parts).split())
-            self.page.title = title[:MAX_TITLE]
-            self.title_parts, self.title_done = None, True
-        elif tag == "form":
-            self.form = None
-        elif tag == "script" and self.script_parts is not None:
-            self._end_script()
 
-    def handle_data(self, data: str) -> None:
-        if self.title_parts is not None:
-            self.title_parts.append(data)
-        if self.script_parts is not None and self.script_chars < MAX_SCRIPT_TEXT:
-            self.script_parts.append(data)
-            self.script_chars += len(data)
+# --- parsing within bounds ------------------------------------------------------------------
 
-    def _end_script(self) -> None:
-        if self.script_parts is not None:
-            self.scripts.append("".join(self.script_parts))
-        self.script_parts = None
 
-    # --- tags -----------------------------------------------------------------------------
+def parse_bounded(text: str, budget_s: float) -> tuple[LexborHTMLParser, int, str | None]:
+    """Parse `text` (or the longest prefix the bounds allow): (tree, characters parsed, why
+    the parse stopped short or None)."""
+    problem = None
+    limit = min(len(text), MAX_PARSE_CHARS)
+    if limit < len(text):
+        problem = f"page is {len(text)} characters; the first {MAX_PARSE_CHARS} were parsed"
+    tag_cut = _nth_index(text, "<", MAX_TAGS, limit)
+    if tag_cut < limit:
+        limit = tag_cut
+        problem = f"more than {MAX_TAGS} tags; the first {MAX_TAGS} were parsed"
+    deadline = time.monotonic() + budget_s
+    size = min(limit, FIRST_PREFIX)
+    tree = LexborHTMLParser(text[:size], scripting=True)
+    while size < limit:
+        nxt = limit if size * PREFIX_GROWTH * 2 > limit else size * PREFIX_GROWTH
+        bigger = _parse_in_time(text[:nxt], deadline - time.monotonic())
+        if bigger is None:
+            problem = (f"parse time budget ({budget_s:.1f} s) reached; the first {size} of "
+                       f"{len(text)} characters were parsed")
+            break
+        tree, size = bigger, nxt
+    return tree, size, problem
 
-    def _start_base(self, attrs: dict[str, str]) -> None:
-        if not self.base_seen and attrs.get("href"):  # only the first <base href> counts
-            self.base, self.base_seen = resolve(self.base, attrs["href"]), True
 
-    def _start_title(self, attrs: dict[str, str]) -> None:
-        if not self.title_done and self.title_parts is None:
-            self.title_parts = []
+def _nth_index(text: str, char: str, n: int, end: int) -> int:
+    """Index of the n-th `char` in text[:end], or `end` when there are fewer."""
+    if text.count(char, 0, end) < n:
+        return end
+    pos = -1
+    for _ in range(n):
+        pos = text.find(char, pos + 1, end)
+    return pos
 
-    def _start_form(self, attrs: dict[str, str]) -> None:
-        self.form = {
-            "action": resolve(self.base, attrs.get("action", "")),
-            "method": (attrs.get("method", "get").strip().lower() or "get")[:16],
-            "has_password": False,
-        }
-        if len(self.page.forms) < MAX_FORMS:
-            self.page.forms.append(self.form)
 
-    def _start_input(self, attrs: dict[str, str]) -> None:
-        if self.form is not None and attrs.get("type", "").strip().lower() == "password":
-            self.form["has_password"] = True
+def _parse_in_time(text: str, timeout: float) -> LexborHTMLParser | None:
+    """Parse in a daemon thread (Lexbor releases the GIL); None if it is not done in time. A
+    parse that overruns is abandoned: it cannot be stopped, but it dies with the process."""
+    if timeout <= 0:
+        return None
+    box: list[LexborHTMLParser] = []
+    thread = threading.Thread(target=lambda: box.append(LexborHTMLParser(text, scripting=True)),
+                              name="lexbor-parse", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or not box:
+        ABANDONED.append(thread)
+        return None
+    return box[0]
 
-    def _start_iframe(self, attrs: dict[str, str]) -> None:
-        src = resolve(self.base, attrs["src"]) if attrs.get("src") else "about:blank"
-        if len(self.page.iframes) < MAX_IFRAMES:
-            self.page.iframes.append({"src": src, "hidden": _hidden_iframe(attrs)})
 
-    def _start_frame(self, attrs: dict[str, str]) -> None:
-        self._start_iframe(attrs)
+ABANDONED: list[threading.Thread] = []  # parses still running; __main__ exits without them
 
-    def _start_meta(self, attrs: dict[str, str]) -> None:
-        if attrs.get("http-equiv", "").strip().lower() != "refresh" or self.page.meta_refresh:
-            return
-        delay, target = parse_refresh(attrs.get("content", ""))
-        if target:
-            self.page.meta_refresh = resolve(self.base, target)
-            self.page.meta_refresh_delay = delay
 
-    def _start_script(self, attrs: dict[str, str]) -> None:
-        if attrs.get("src"):
-            src = resolve(self.base, attrs["src"])
-            if src not in self.page.external_scripts and len(self.page.external_scripts) < 50:
-                self.page.external_scripts.append(src)
-            self.script_parts = None
-        else:
-            self.inline_count += 1
-            self.script_parts = []
+# --- the features -----------------------------------------------------------------------------
 
-    def _start_a(self, attrs: dict[str, str]) -> None:
-        if "href" in attrs:
-            self.page.links_count += 1
 
-    def _start_area(self, attrs: dict[str, str]) -> None:
-        self._start_a(attrs)
+class _Extractor:
+    def __init__(self, tree: LexborHTMLParser, url: str, deadline: float) -> None:
+        self.tree = tree
+        self.url = url  # the document's URL (form actions default to it)
+        self.base = url  # <base href> applies to every other URL of the document
+        self.deadline = deadline
+        self.page = PageFeatures(parse="full")
 
-    def finish(self) -> PageFeatures:
-        self._end_script()  # a script cut off by the byte cap still counts
-        if self.title_parts is not None:
-            self.handle_endtag("title")
-        self.page.scripts = script_stats(self.scripts, self.inline_count)
-        self.page.js_redirects = js_redirects(self.scripts, self.base)
+    def run(self) -> PageFeatures:
+        base = self.tree.css_first("base[href]")
+        if base is not None:
+            self.base = resolve(self.url, base.attrs.get("href") or "")
+        steps: dict[str, Callable[[], None]] = {
+            "title": self._title, "meta": self._meta, "links": self._links,
+            "forms": self._forms, "buttons": self._buttons, "headings": self._headings,
+            "iframes": self._iframes, "scripts": self._scripts, "images": self._images,
+            "anchors": self._anchors, "text": self._text}
+        for name, step in steps.items():
+            if self._late():
+                break
+            try:
+                step()
+            except Exception as exc:  # a bug on one hostile page must not cost the rest
+                self.page.mark_partial(f"{name} not read: {type(exc).__name__}")
+        if not self.page.scripts:
+            self.page.scripts = script_stats([], 0)
         return self.page
 
+    def _late(self) -> bool:
+        if time.monotonic() <= self.deadline:
+            return False
+        if "while extracting" not in (self.page.parse_problem or ""):
+            self.page.mark_partial("parse time budget reached while extracting features")
+        return True
 
-def scan_html(text: str, base_url: str) -> PageFeatures:
-    """Features of an HTML document; URLs are resolved against `base_url` (or <base href>)."""
-    scanner = _Scanner(base_url)
-    try:
-        scanner.feed(text)
-        scanner.close()
-    except (AssertionError, ValueError):  # html.parser can choke on hostile markup; keep the rest
-        pass
-    return scanner.finish()
+    def _all(self, query: str) -> list[LexborNode]:
+        return self.tree.css(query)
+
+    def _title(self) -> None:
+        node = self.tree.css_first("title")
+        if node is not None:
+            self.page.title = collapse(node.text(deep=False)[: MAX_TITLE * 8])[:MAX_TITLE]
+
+    def _meta(self) -> None:
+        meta: dict[str, str | None] = {}
+        wanted = {"og:site_name": "og_site_name", "og:title": "og_title", "og:url": "og_url",
+                  "og:image": "og_image", "og:image:url": "og_image",
+                  "og:image:secure_url": "og_image", "application-name": "application_name",
+                  "description": "description"}
+        for node in self._all("meta"):
+            attrs = node.attrs
+            if (attrs.get("http-equiv") or "").strip().lower() == "refresh":
+                self._refresh(attrs.get("content") or "")
+                continue
+            key = wanted.get((attrs.get("property") or attrs.get("name") or "").strip().lower())
+            content = attrs.get("content")
+            if key is None or content is None or meta.get(key):
+                continue
+            if key in ("og_url", "og_image"):
+                meta[key] = resolve(self.base, content)
+            else:
+                meta[key] = collapse(content[: MAX_LABEL * 8])[:MAX_LABEL] or None
+        self.page.meta.update(meta)
+
+    def _refresh(self, content: str) -> None:
+        if self.page.meta_refresh is not None:
+            return
+        parsed = parse_refresh(content)
+        if parsed is not None and parsed[1] is not None:
+            self.page.meta_refresh = resolve(self.base, parsed[1])
+            self.page.meta_refresh_delay = parsed[0]
+
+    def _links(self) -> None:
+        page = self.page
+        for node in self._all("link[href]"):
+            rel = (node.attrs.get("rel") or "").lower().split()
+            href = node.attrs.get("href") or ""
+            if "canonical" in rel and "canonical" not in page.meta:
+                page.meta["canonical"] = resolve(self.base, href)
+            if any(r in ("icon", "apple-touch-icon", "apple-touch-icon-precomposed", "mask-icon")
+                   for r in rel):
+                page.add("icons", page.icons, resolve(self.base, href), MAX_ICONS)
+            if "stylesheet" in rel:
+                page.add("stylesheets", page.stylesheets, resolve(self.base, href),
+                         MAX_STYLESHEETS)
+
+    def _forms(self) -> None:
+        forms = self._all("form")
+        owned: dict[str, list[LexborNode]] = {}
+        # form= wins over the ancestor form (and makes a control belong to no form when it
+        # names none)
+        for node in self._all("input[form], select[form], textarea[form], button[form]"):
+            owner = (node.attrs.get("form") or "")
+            if len(owned.setdefault(owner, [])) < MAX_FIELDS:
+                owned[owner].append(node)
+        labels = _labels_by_id(self._all("label[for]"))
+        for i, form in enumerate(forms):
+            if len(self.page.forms) >= MAX_FORMS or self._late():
+                self.page.drop("forms", len(forms) - i)
+                break
+            controls = _own_controls(form)
+            form_id = form.attrs.get("id")
+            if form_id:
+                controls += owned.get(form_id, [])
+            self.page.forms.append(self._form(form, controls, labels))
+
+    def _form(self, form: LexborNode, controls: list[LexborNode],
+              labels: dict[str, LexborNode]) -> dict[str, Any]:
+        action = (form.attrs.get("action") or "").strip(_ASCII_WS)
+        method = (form.attrs.get("method") or "get").strip().lower()
+        entry: dict[str, Any] = {
+            "action": resolve(self.base, action) if action else self.url[:MAX_URL],
+            "method": method if method in ("get", "post", "dialog") else "get",
+            "has_password": False, "has_email": False, "has_card": False, "has_otp": False,
+        }
+        words: list[str] = [short_text(form)]  # its labels and button text, in order
+        for control in controls:
+            hint, shown = _control_hints(control, labels, form)
+            words.append(shown)
+            kind = (control.attrs.get("type") or "").strip().lower()
+            if (control.tag == "input" and kind in _NOT_FIELDS) or control.tag == "button":
+                continue
+            auto = (control.attrs.get("autocomplete") or "").lower()
+            if (kind == "password" or "current-password" in auto or "new-password" in auto
+                    or _PASSWORD_HINT.search(hint)):
+                entry["has_password"] = True
+            if kind == "email" or "email" in auto or "username" in auto or _EMAIL_HINT.search(
+                    hint):
+                entry["has_email"] = True
+            if any(a in auto for a in _CARD_AUTOCOMPLETE) or _CARD_HINT.search(hint):
+                entry["has_card"] = True
+            elif "one-time-code" in auto or _OTP_HINT.search(hint):
+                entry["has_otp"] = True
+        entry["text"] = collapse(" ".join(w for w in words if w))[:MAX_LABEL]
+        return entry
+
+    def _buttons(self) -> None:
+        query = ("button, input[type=submit], input[type=button], input[type=image], "
+                 "input[type=reset], [role=button]")
+        nodes = self._all(query)
+        for i, node in enumerate(nodes):
+            if self.page.full("buttons", self.page.buttons, MAX_BUTTONS, len(nodes) - i):
+                break
+            text = _button_text(node)
+            if text:
+                self.page.buttons.append(text)
+
+    def _headings(self) -> None:
+        nodes = self._all("h1, h2, h3")
+        for i, node in enumerate(nodes):
+            if self.page.full("headings", self.page.headings, MAX_HEADINGS, len(nodes) - i):
+                break
+            text = short_text(node)
+            if text:
+                self.page.headings.append(text)
+
+    def _iframes(self) -> None:
+        nodes = self._all("iframe, frame")
+        for i, node in enumerate(nodes):
+            if self.page.full("iframes", self.page.iframes, MAX_IFRAMES, len(nodes) - i):
+                break
+            src = node.attrs.get("src")
+            url = resolve(self.base, src) if src and src.strip(_ASCII_WS) else "about:blank"
+            self.page.add("iframes", self.page.iframes,
+                          {"src": url, "hidden": _hidden_iframe(node)}, MAX_IFRAMES)
+
+    def _scripts(self) -> None:
+        texts: list[str] = []
+        chars = inline = 0
+        for node in self._all("script"):
+            src = node.attrs.get("src")
+            if src is not None and src.strip(_ASCII_WS):
+                url = resolve(self.base, src)
+                if url not in self.page.external_scripts:
+                    self.page.add("external_scripts", self.page.external_scripts, url,
+                                  MAX_SCRIPTS)
+                continue
+            inline += 1
+            if chars < MAX_SCRIPT_TEXT:
+                text = node.text(deep=True)[: MAX_SCRIPT_TEXT - chars]
+                texts.append(text)
+                chars += len(text)
+        self.page.scripts = script_stats(texts, inline)
+        self.page.js_redirects = js_redirects(texts, self.base)
+
+    def _images(self) -> None:
+        nodes = self._all("img, input[type=image]")
+        for i, node in enumerate(nodes):
+            if self.page.full("images", self.page.images, MAX_IMAGES, len(nodes) - i):
+                break
+            src = _image_src(node)
+            if src is None:
+                continue
+            alt = collapse((node.attrs.get("alt") or "")[: MAX_LABEL * 8])[:MAX_LABEL]
+            self.page.add("images", self.page.images,
+                          {"src": resolve(self.base, src), "alt": alt}, MAX_IMAGES)
+
+    def _anchors(self) -> None:
+        self.page.links_count = len(self._all("a[href], area[href]"))
+
+    def _text(self) -> None:
+        root = self.tree.body or self.tree.root
+        if root is not None:
+            text = visible_text(root, MAX_TEXT, TEXT_NODE_BUDGET)
+            self.page.text = collapse(text)[:MAX_TEXT]
 
 
-def looks_like_html(content_type: str | None, body: bytes) -> bool:
-    """html-ish by Content-Type, or sniffed when there is none (as browsers do)."""
-    if content_type:
-        return "html" in content_type.lower()
-    head = body[:512].lstrip().lower()
-    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<script"))
+def _labels_by_id(nodes: Iterable[LexborNode]) -> dict[str, LexborNode]:
+    labels: dict[str, LexborNode] = {}
+    for node in nodes:
+        target = node.attrs.get("for")
+        if target and target not in labels and len(labels) < 5000:
+            labels[target] = node
+    return labels
 
 
-def decode_body(body: bytes, content_type: str | None) -> str:
-    """Decode with the charset from Content-Type or <meta charset>, falling back to UTF-8."""
-    charset = _charset_from_type(content_type) or _charset_from_meta(body[:2048])
-    for candidate in (charset, "utf-8"):
-        if candidate and _is_text_codec(candidate):
-            return body.decode(candidate, "replace")
-    return body.decode("utf-8", "replace")
+_TABLE_PARTS = frozenset({"table", "tbody", "thead", "tfoot", "tr"})
+_CONTROLS = "input, select, textarea, button"
 
 
-def _charset_from_type(content_type: str | None) -> str | None:
-    m = re.search(r"charset\s*=\s*[\"']?([\w.:-]+)", content_type or "", re.I)
-    return m.group(1) if m else None
+def _own_controls(form: LexborNode) -> list[LexborNode]:
+    """The controls whose form owner is `form` by position (those with `form=` go by id).
+
+    `<table><form><tr><td><input>` leaves the form empty in the DOM, yet the parser's form
+    element pointer makes it the inputs' owner (a browser submits them with it): a form that
+    is a direct child of table markup owns the unowned controls of its table."""
+    controls = [c for c in form.css(_CONTROLS)[:MAX_FIELDS] if "form" not in c.attrs]
+    parent = form.parent
+    if controls or parent is None or parent.tag not in _TABLE_PARTS:
+        return controls
+    table: LexborNode | None = parent
+    while table is not None and table.tag != "table":
+        table = table.parent
+    if table is None:
+        return controls
+    return [c for c in table.css(_CONTROLS)[:MAX_FIELDS]
+            if "form" not in c.attrs and not _inside(c, "form", table)]
 
 
-def _charset_from_meta(head: bytes) -> str | None:
-    m = re.search(rb"<meta[^>]+charset\s*=\s*[\"']?([\w.:-]+)", head, re.I)
-    return m.group(1).decode("ascii", "replace") if m else None
+def _inside(node: LexborNode, tag: str, stop: LexborNode) -> bool:
+    parent = node.parent
+    for _ in range(64):
+        if parent is None or parent.mem_id == stop.mem_id:
+            return False
+        if parent.tag == tag:
+            return True
+        parent = parent.parent
+    return False
 
 
-def _is_text_codec(name: str) -> bool:
-    try:
-        info = codecs.lookup(name)
-    except LookupError:
-        return False
-    # Refuse bytes-to-bytes codecs such as 'base64' or 'zlib' that a page could name.
-    return bool(getattr(info, "_is_text_encoding", True))
+def _control_hints(control: LexborNode, labels: dict[str, LexborNode],
+                   form: LexborNode) -> tuple[str, str]:
+    """(every word that says what the control is, the words a visitor sees next to it that
+    the form's own text does not already have)."""
+    attrs = control.attrs
+    label: list[str] = []
+    node_id = attrs.get("id")
+    if node_id and node_id in labels:
+        label.append(short_text(labels[node_id]))
+    parent, depth = control.parent, 0
+    while parent is not None and depth < 16 and parent.tag not in ("form", "body"):
+        if parent.tag == "label":
+            label.append(short_text(parent))
+            break
+        parent, depth = parent.parent, depth + 1
+    shown = [(attrs.get(name) or "")[:MAX_LABEL] for name in ("placeholder", "aria-label")]
+    if control.tag == "input" and (attrs.get("type") or "").lower() in _SUBMIT_TYPES:
+        shown.append(_button_text(control))
+    if not _inside(control, "form", form.parent or form):  # owned through form=
+        shown = label + shown
+        if control.tag == "button":
+            shown.append(_button_text(control))
+    hidden = [(attrs.get(name) or "")[:MAX_LABEL] for name in ("name", "id", "autocomplete")]
+    return " ".join(label + shown + hidden), " ".join(s for s in shown if s)
+
+
+def _button_text(node: LexborNode) -> str:
+    attrs = node.attrs
+    if node.tag == "input":
+        kind = (attrs.get("type") or "").strip().lower()
+        default = {"submit": "Submit", "reset": "Reset"}.get(kind, "")
+        value = attrs.get("alt") if kind == "image" else attrs.get("value")
+        text = value if value is not None else default
+    else:
+        text = short_text(node)
+    text = text or attrs.get("aria-label") or attrs.get("title") or ""
+    return collapse(text[: MAX_LABEL * 8])[:MAX_LABEL]
+
+
+def _image_src(node: LexborNode) -> str | None:
+    attrs = node.attrs
+    src = (attrs.get("src") or "").strip(_ASCII_WS)
+    if not src:  # the first candidate of a srcset (or of a lazy-loading data-src)
+        srcset = (attrs.get("srcset") or attrs.get("data-srcset") or "").strip(_ASCII_WS)
+        src = srcset.split(",")[0].split()[0] if srcset else (attrs.get("data-src") or "")
+    return src.strip(_ASCII_WS) or None
+
+
+def scan_html(text: str, base_url: str, budget_s: float = PARSE_BUDGET_S) -> PageFeatures:
+    """Features of an HTML document as a browser would build it; URLs are resolved against
+    `base_url` (or the first `<base href>`). Takes about `budget_s` at most: 60 % of it for
+    parsing, the rest (and at least 30 % of it) for the extraction."""
+    start = time.monotonic()
+    tree, _parsed, problem = parse_bounded(text, budget_s * 0.6)
+    deadline = max(start + budget_s, time.monotonic() + budget_s * 0.3)
+    page = _Extractor(tree, base_url, deadline).run()
+    if problem is not None:
+        page.mark_partial(problem)
+    return page

@@ -1,20 +1,24 @@
 """URL parsing and the SSRF address check. Pure: no network I/O unless the resolver does it.
 
-Hosts are parsed the way a browser does (WHATWG URL standard), so that every spelling a browser
-would send to 127.0.0.1 (`2130706433`, `0x7f.1`, fullwidth digits and ideographic dots, ...) is
-seen as 127.0.0.1 here too. A name is resolved once; every address it resolves to must be
-public, and the caller connects to those checked addresses only (no second lookup, so DNS
-rebinding cannot swap them).
+URLs are parsed by `weburl` (WHATWG URL standard, the parser every other part of the project
+uses too), so that every spelling a browser would send to 127.0.0.1 (`2130706433`, `0x7f.1`,
+fullwidth digits and ideographic dots, ...) is seen as 127.0.0.1 here too. A name is resolved
+once; every address it resolves to must be in the allowed set, and the caller connects to those
+checked addresses only (no second lookup, so DNS rebinding cannot swap them).
+
+The allowed set is an explicit table (below), never `ipaddress.is_global`/`is_private`, whose
+answers change between Python patch releases (`2002:808:808::1`: 3.11.2 and 3.11.7 disagree;
+the sandbox image and the worker do not run the same patch release).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-import unicodedata
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from . import weburl
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -27,15 +31,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 INVALID_URL = "INVALID_URL"
 BLOCKED_TARGET = "BLOCKED_TARGET"
 DNS_FAILED = "DNS_FAILED"
-
-# WHATWG "forbidden domain code points" (after percent-decoding), plus '%' left over.
-_FORBIDDEN_HOST = set("\x00\t\n\r #/:<>?@[\\]^|%\x7f") | {chr(c) for c in range(0x20)}
-# Code points UTS46 maps to nothing (soft hyphen, zero-width joiners, variation selectors, BOM):
-# removing them makes `lo\u00adcalhost` the same host as `localhost`, as in a browser.
-_IGNORED = {"\u00ad", "\u034f", "\u180b", "\u180c", "\u180d", "\u200b", "\u200c", "\u200d",
-            "\u2060", "\ufeff"} | {chr(c) for c in range(0xFE00, 0xFE10)}
-# Full stops a browser treats as '.', even where NFKC leaves them alone.
-_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
 class UrlError(ValueError):
@@ -75,158 +70,40 @@ class CheckResult:
     blocked: list[str] = field(default_factory=list)  # the refused addresses, if any
 
 
-# --- URL and host parsing -------------------------------------------------------------------
+# --- URL parsing ----------------------------------------------------------------------------
 
 
 def parse_url(url: str) -> ParsedUrl:
-    """Split an http(s) URL like a browser; raise UrlError when a browser would not fetch it."""
+    """Parse an http(s) URL like a browser; raise UrlError when we would not fetch it."""
     if len(url) > MAX_URL:
         raise UrlError("URL longer than 8192 characters")
-    # Browsers strip leading/trailing C0 controls and spaces, and drop tabs/newlines anywhere.
-    url = url.strip("".join(chr(c) for c in range(0x21))).replace("\t", "")
-    url = url.replace("\n", "").replace("\r", "")
-    scheme, sep, rest = url.partition(":")
-    scheme = scheme.lower()
-    if not sep or scheme not in DEFAULT_PORTS:
-        raise UrlError(f"scheme not allowed: {scheme[:32]!r} (only http and https)")
-    # Special schemes ignore any number of slashes and treat '\' as '/' (not in the query).
-    before, q, after = rest.partition("?")
-    rest = (before.replace("\\", "/") + q + after).lstrip("/")
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
-    _userinfo, at, hostport = authority.rpartition("@")
-    host_raw, port = _split_port(hostport, scheme)
-    host, ip = parse_host(host_raw)
-    return ParsedUrl(scheme, host, ip, port, _request_target(tail), userinfo=bool(at))
-
-
-def _split_port(hostport: str, scheme: str) -> tuple[str, int]:
-    if hostport.startswith("["):
-        close = hostport.find("]")
-        if close < 0:
-            raise UrlError("unterminated IPv6 address")
-        host, after = hostport[: close + 1], hostport[close + 1 :]
-        if after and not after.startswith(":"):
-            raise UrlError("garbage after IPv6 address")
-        port_s = after[1:]
-    else:
-        host, _, port_s = hostport.partition(":")
-    if not port_s:
-        return host, DEFAULT_PORTS[scheme]
-    if not port_s.isascii() or not port_s.isdigit() or int(port_s) > 65535:
-        raise UrlError(f"invalid port {port_s[:16]!r}")
-    return host, int(port_s)
-
-
-def _request_target(tail: str) -> str:
-    """Path and query, percent-encoded like a browser would send them; the fragment is dropped."""
-    tail = tail.partition("#")[0]
-    path, q, query = tail.partition("?")
-    path = urllib.parse.quote(path or "/", safe="/%:@!$&'()*+,;=-._~")
-    if q:
-        path += "?" + urllib.parse.quote(query, safe="/%:@!$&'()*+,;=-._~?")
-    return path
-
-
-def parse_host(raw: str) -> tuple[str, IPAddress | None]:
-    """WHATWG host parser: returns (ascii_host, ip-or-None); raises UrlError."""
-    if raw.startswith("["):
-        return _parse_ipv6_literal(raw)
     try:
-        text = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        raise UrlError("host is not valid UTF-8 after percent-decoding") from None
-    host = _domain_to_ascii(text)
-    ipv4 = parse_ipv4(host)
-    if ipv4 is not None:
-        return str(ipv4), ipv4
-    return host, None
-
-
-def _parse_ipv6_literal(raw: str) -> tuple[str, IPAddress]:
-    inner = raw[1:-1]
-    if "%" in inner:  # zone ids are not part of URLs; a browser refuses them
-        raise UrlError("IPv6 zone identifiers are not allowed")
-    try:
-        ip = ipaddress.IPv6Address(inner)
-    except ValueError:
-        raise UrlError(f"invalid IPv6 address {inner[:64]!r}") from None
-    return str(ip), ip
-
-
-def _domain_to_ascii(text: str) -> str:
-    """UTS46-like mapping: drop ignored code points, NFKC, lower-case, map dots, then IDNA."""
-    text = "".join(c for c in text if c not in _IGNORED)
-    text = unicodedata.normalize("NFKC", text).translate(_DOTS).lower()
-    text = text.rstrip(".")  # `127.0.0.1.` and `localhost.` are the same hosts without the dot
-    if not text:
-        raise UrlError("empty host")
-    if any(c in _FORBIDDEN_HOST for c in text):
-        raise UrlError("forbidden character in host")
-    labels = text.split(".")
-    if any(not label for label in labels):
-        raise UrlError("empty label in host")
-    try:
-        ascii_labels = [lb if lb.isascii() else lb.encode("idna").decode("ascii") for lb in labels]
-    except UnicodeError:
-        raise UrlError("host fails IDNA conversion") from None
-    host = ".".join(ascii_labels).lower()
-    if len(host) > 253 or any(len(lb) > 63 for lb in ascii_labels):
-        raise UrlError("host name too long")
-    return host
-
-
-def parse_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    """WHATWG IPv4 parser. None if `host` is a domain; UrlError if it looks numeric but is bad.
-
-    Accepts what browsers accept: 1 to 4 parts, each decimal, octal (leading 0) or hex (0x),
-    the last part filling the remaining bytes (`127.1`, `2130706433`, `0x7f.1`).
-    """
-    parts = host.split(".")
-    if not _ends_in_number(parts[-1]):
-        return None
-    if len(parts) > 4:
-        raise UrlError("IPv4 address with more than four parts")
-    numbers = [_ipv4_number(p) for p in parts]
-    if any(n > 255 for n in numbers[:-1]) or numbers[-1] >= 256 ** (5 - len(numbers)):
-        raise UrlError("IPv4 address part out of range")
-    value = numbers[-1]
-    for i, n in enumerate(numbers[:-1]):
-        value += n << (8 * (3 - i))
-    return ipaddress.IPv4Address(value)
-
-
-def _ends_in_number(last: str) -> bool:
-    if last.isascii() and last.isdigit():
-        return True
-    return last[:2] in ("0x", "0X") and all(c in "0123456789abcdefABCDEF" for c in last[2:])
-
-
-def _ipv4_number(part: str) -> int:
-    base, digits = 10, part
-    if part[:2] in ("0x", "0X"):
-        base, digits = 16, part[2:]
-    elif len(part) > 1 and part.startswith("0"):
-        base, digits = 8, part[1:]
-    if not digits:
-        return 0  # `0x` alone is zero in the WHATWG parser
-    try:
-        if not digits.isascii():
-            raise ValueError
-        return int(digits, base)
-    except ValueError:
-        raise UrlError(f"invalid IPv4 part {part[:16]!r}") from None
+        parsed = weburl.parse(url)
+    except weburl.WebUrlError as exc:
+        raise UrlError(str(exc)) from None
+    problem = weburl.fetch_problem(parsed)
+    if problem is not None:
+        raise UrlError(problem)
+    port = parsed.effective_port
+    assert port is not None  # http and https have default ports
+    return ParsedUrl(parsed.scheme, parsed.host, parsed.ip, port, parsed.request_target,
+                     userinfo=parsed.has_userinfo)
 
 
 # --- address rules --------------------------------------------------------------------------
+# The allowed set, explicitly:
+#   IPv4: every address outside _V4_REFUSED (the IANA special-purpose registry entries that are
+#         not globally reachable, plus multicast and the reserved class E);
+#   IPv6: global unicast 2000::/3 outside _V6_REFUSED, plus the forms that carry an IPv4
+#         address (IPv4-mapped, NAT64 64:ff9b::/96, 6to4, Teredo), judged by that IPv4 address.
+# Everything else is refused; _V6_NAMED only gives the refusal a name.
 
 
-def _nets(*specs: tuple[str, str]) -> list[tuple[IPNetwork, str]]:
-    return [(ipaddress.ip_network(net), name) for net, name in specs]
+def _nets(*specs: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
+    return tuple((ipaddress.ip_network(net), name) for net, name in specs)
 
 
-# Named explicitly so the refusal says why; `is_global` below is the catch-all.
-_V4_RULES = _nets(
+_V4_REFUSED = _nets(
     ("0.0.0.0/8", "unspecified / this network"),
     ("10.0.0.0/8", "private"),
     ("100.64.0.0/10", "carrier-grade NAT"),
@@ -235,7 +112,7 @@ _V4_RULES = _nets(
     ("172.16.0.0/12", "private"),
     ("192.0.0.0/24", "IETF protocol assignments"),
     ("192.0.2.0/24", "documentation"),
-    ("192.88.99.0/24", "6to4 relay anycast"),
+    ("192.88.99.0/24", "6to4 relay anycast (deprecated)"),
     ("192.168.0.0/16", "private"),
     ("198.18.0.0/15", "benchmarking"),
     ("198.51.100.0/24", "documentation"),
@@ -244,26 +121,33 @@ _V4_RULES = _nets(
     ("255.255.255.255/32", "broadcast"),
     ("240.0.0.0/4", "reserved"),
 )
-_V6_RULES = _nets(
+_V6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_V6_REFUSED = _nets(  # inside 2000::/3
+    ("2001:db8::/32", "documentation"),
+    ("2001:2::/48", "benchmarking"),
+    ("2001:10::/28", "ORCHID (deprecated)"),
+    ("2001::/23", "IETF protocol assignments"),
+    ("3fff::/20", "documentation"),
+)
+_V6_NAMED = _nets(  # outside 2000::/3: refused in any case, named for the reason
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
-    ("100::/64", "discard-only"),
     ("64:ff9b:1::/48", "local-use NAT64"),
-    ("2001:db8::/32", "documentation"),
-    ("2001:10::/28", "ORCHID"),
-    ("2001:2::/48", "benchmarking"),
-    ("3fff::/20", "documentation"),
+    ("100::/64", "discard-only"),
+    ("100:0:0:1::/64", "dummy prefix"),
+    ("::/8", "reserved (::/8)"),
+    ("5f00::/16", "SRv6 SIDs (RFC 9602)"),
     ("fc00::/7", "unique local"),
     ("fe80::/10", "link-local"),
     ("fec0::/10", "site-local (deprecated)"),
     ("ff00::/8", "multicast"),
 )
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
-_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
-_COMPATIBLE = ipaddress.ip_network("::/96")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
-_TEREDO = ipaddress.ip_network("2001::/32")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 def parse_cidrs(spec: str | Iterable[str]) -> list[IPNetwork]:
@@ -272,47 +156,66 @@ def parse_cidrs(spec: str | Iterable[str]) -> list[IPNetwork]:
     return [ipaddress.ip_network(s.strip(), strict=False) for s in items if s.strip()]
 
 
-def _embedded_v4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
-    """IPv4 addresses an IPv6 address carries (mapped, compatible, NAT64, 6to4, Teredo)."""
-    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+def _low32(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+
+
+def _carried_v4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """IPv4 addresses a packet to `ip` really goes to: mapped, NAT64, 6to4, Teredo."""
     if ip in _MAPPED:
-        return [("IPv4-mapped", low32)]
-    if ip in _TRANSLATED:
-        return [("IPv4-translated", low32)]
-    if ip in _COMPATIBLE:
-        return [("IPv4-compatible", low32)]
+        return [("IPv4-mapped", _low32(ip))]
     if ip in _NAT64:
-        return [("NAT64", low32)]
+        return [("NAT64", _low32(ip))]
     if ip in _SIX_TO_FOUR:
         return [("6to4", ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF))]
-    if ip in _TEREDO:
-        server, client = ip.teredo or (low32, low32)  # client is stored XOR-ed; teredo undoes it
+    if ip in _TEREDO:  # server in bits 32-63; the client is stored XOR-ed in the low 32 bits
+        server = ipaddress.IPv4Address((int(ip) >> 64) & 0xFFFFFFFF)
+        client = ipaddress.IPv4Address(~int(ip) & 0xFFFFFFFF)
         return [("Teredo server", server), ("Teredo client", client)]
     return []
 
 
-def address_block_reason(ip: IPAddress, allow: Sequence[IPNetwork] = ()) -> str | None:
-    """None if `ip` may be fetched, else a reason naming the address and the rule."""
-    if any(ip.version == net.version and ip in net for net in allow):
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
-        return f"{ip} has a zone id (link-scoped)"
-    rules = _V4_RULES if ip.version == 4 else _V6_RULES
-    for net, name in rules:
+def _v4_reason(ip: ipaddress.IPv4Address) -> str | None:
+    for net, name in _V4_REFUSED:
         if ip in net:
             return f"{ip} is {name} ({net})"
-    if isinstance(ip, ipaddress.IPv6Address):
-        for kind, v4 in _embedded_v4(ip):
-            inner = address_block_reason(v4, allow)
-            if inner is not None:
-                return f"{ip} embeds {kind} IPv4 {inner}"
-            if kind in ("IPv4-mapped", "NAT64"):
-                return None  # the embedded public IPv4 is what we would reach
-        if ip in _COMPATIBLE or ip in _TRANSLATED:
-            return f"{ip} is a deprecated IPv4-compatible/translated address"
-    if not ip.is_global:
-        return f"{ip} is not globally routable"
     return None
+
+
+def _v6_reason(ip: ipaddress.IPv6Address, allow: Sequence[IPNetwork]) -> str | None:
+    if ip.scope_id:
+        return f"{ip} has a zone id (link-scoped)"
+    if ip in _COMPATIBLE or ip in _TRANSLATED:
+        for net, name in _V6_NAMED[:2]:  # :: and ::1 are named as such, not as 0.0.0.x
+            if ip in net:
+                return f"{ip} is {name} ({net})"
+        form = "IPv4-compatible" if ip in _COMPATIBLE else "IPv4-translated"
+        why = address_block_reason(_low32(ip), allow) or f"{_low32(ip)}, a deprecated form"
+        return f"{ip} embeds {form} IPv4 {why}"
+    carried = _carried_v4(ip)
+    for kind, v4 in carried:
+        inner = address_block_reason(v4, allow)
+        if inner is not None:
+            return f"{ip} embeds {kind} IPv4 {inner}"
+    if carried:
+        return None  # what we would reach is the public IPv4 address it carries
+    if ip not in _V6_GLOBAL_UNICAST:
+        named = next((f"{n} ({net})" for net, n in _V6_NAMED if ip in net), None)
+        return f"{ip} is {named or 'outside global unicast (2000::/3)'}"
+    for net, name in _V6_REFUSED:
+        if ip in net:
+            return f"{ip} is {name} ({net})"
+    return None
+
+
+def address_block_reason(ip: IPAddress, allow: Sequence[IPNetwork] = ()) -> str | None:
+    """None if `ip` is in the allowed set (or an operator's FETCH_ALLOW_CIDRS), else a reason
+    naming the address and the rule."""
+    if any(ip.version == net.version and ip in net for net in allow):
+        return None
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _v4_reason(ip)
+    return _v6_reason(ip, allow)
 
 
 # --- the check ------------------------------------------------------------------------------
