@@ -65,7 +65,11 @@ class Brand(BaseModel):
     domain on load); `assets`: extra domains its pages load logos, styles and scripts from;
     `tokens`: the words look-alike domains use (default: the first label of its first domain);
     `ambiguous`: its names are also common words (Apple, Target), so they match only as
-    written (capitalised) and never inside a longer word of a domain."""
+    written (capitalised) and never inside a longer word of a domain;
+    `owner`: the organisation behind it - brands with one owner (AOL and Yahoo, Instagram and
+    Facebook) are one organisation, so one's page may use the other's name and assets;
+    `software`: a product installed on other people's domains (Roundcube, cPanel), so its name
+    on a foreign domain is normal - only look-alike hosts of its own domains count."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -76,6 +80,8 @@ class Brand(BaseModel):
     assets: Annotated[list[str], Field(max_length=64)] = []
     tokens: Annotated[list[Token], Field(max_length=20)] = []
     ambiguous: bool = False
+    owner: BrandId | None = None
+    software: bool = False
 
     @field_validator("domains", "assets")
     @classmethod
@@ -85,6 +91,10 @@ class Brand(BaseModel):
     @property
     def name(self) -> str:
         return self.names[0]
+
+    @property
+    def organisation(self) -> str:
+        return self.owner or self.id
 
     def lookalike_tokens(self) -> list[str]:
         if self.tokens:
@@ -260,6 +270,11 @@ class Catalogue:
             for site in (*b.domains, *b.assets):
                 owners.setdefault(site, []).append(b)
         self._owners: Mapping[str, list[Brand]] = owners
+        sites: dict[str, set[str]] = {}  # organisation -> every domain and asset domain
+        for b in self.brands:
+            sites.setdefault(b.organisation, set()).update(b.domains, b.assets)
+        self._org_sites: Mapping[str, frozenset[str]] = {
+            org: frozenset(s) for org, s in sites.items()}
         self._by_name: dict[str, list[Brand]] = {}
         loose: list[str] = []
         exact: list[str] = []
@@ -295,16 +310,16 @@ class Catalogue:
         return self._owners.get(registrable_domain(host), [])
 
     def owns(self, brand: Brand, host: str) -> bool:
-        site = registrable_domain(host)
-        return site in brand.domains or site in brand.assets
+        """The host is the brand's, or another brand's of the same organisation."""
+        return registrable_domain(host) in self._org_sites.get(brand.organisation, frozenset())
 
     def same_organisation(self, host_a: str, host_b: str) -> bool:
         """One site, one brand of the catalogue, or b an identity provider (Okta, Auth0)."""
         site_a, site_b = registrable_domain(host_a), registrable_domain(host_b)
         if site_a == site_b or site_b in self.identity_providers:
             return True
-        owners_a = {b.id for b in self._owners.get(site_a, [])}
-        return any(b.id in owners_a for b in self._owners.get(site_b, []))
+        orgs_a = {b.organisation for b in self._owners.get(site_a, [])}
+        return any(b.organisation in orgs_a for b in self._owners.get(site_b, []))
 
     # --- names ------------------------------------------------------------------------------
 

@@ -122,7 +122,7 @@ class Context:
         if host is None:
             return []
         return [c for c in self.catalogue.presented(self.report, ad_hosts=AD_HOSTS)
-                if not self.catalogue.owns(c.brand, host)]
+                if not c.brand.software and not self.catalogue.owns(c.brand, host)]
 
     @cached_property
     def ad_code(self) -> bool:

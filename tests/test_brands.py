@@ -259,3 +259,34 @@ def test_skeleton_reads_confusables_and_digits() -> None:
 def test_uts46_display_of_xn_labels() -> None:
     assert brands._unicode_label("xn--pypal-4ve") == "p\u0430ypal"
     assert brands._unicode_label("xn--zz-not-valid") == "xn--zz-not-valid"
+
+
+def test_brands_of_one_owner_are_one_organisation(cat: Catalogue) -> None:
+    """AOL's sign-in page loads Yahoo's assets and may say Yahoo: one organisation. The same
+    page anywhere else is still Yahoo's look-alike."""
+    def yahoo_page(url: str) -> Report:
+        return page(url, title="Yahoo - login",
+                    stylesheets=["https://s.yimg.com/login/main.css"],
+                    icons=["https://s.yimg.com/rz/l/favicon.ico"],
+                    forms=[Form(action=url + "login", method="post", has_password=True,
+                                has_email=True, text="Yahoo sign in")])
+    at_aol = yahoo_page("https://login.aol.com/")
+    elsewhere = yahoo_page("https://login.example.net/")
+    assert "yahoo" in claimed(cat, at_aol) and "yahoo" in claimed(cat, elsewhere)
+    yahoo = next(b for b in cat.brands if b.id == "yahoo")
+    assert cat.owns(yahoo, "login.aol.com") and not cat.owns(yahoo, "login.example.net")
+    names = {s.name for s in analyze(at_aol.requested_url, at_aol).signals}
+    assert "brand_impersonation" not in names
+    names = {s.name for s in analyze(elsewhere.requested_url, elsewhere).signals}
+    assert "brand_impersonation" in names
+
+
+def test_self_hosted_software_on_its_users_domains_is_not_impersonation(cat: Catalogue) -> None:
+    """Roundcube and cPanel log-ins live on every hosting provider's own domain."""
+    url = "https://mail.hosting-provider.example/"
+    login = page(url, title="Roundcube Webmail :: Welcome to Roundcube Webmail",
+                 meta=PageMeta(application_name="Roundcube Webmail"),
+                 forms=[Form(action=url + "?_task=login", method="post", has_password=True,
+                             has_email=True, text="Username Password Login")])
+    assert "roundcube" in claimed(cat, login)
+    assert analyze(url, login).signals == []
