@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
@@ -34,7 +35,7 @@ from rapidfuzz.distance import DamerauLevenshtein
 
 from .config import ConfigError
 from .models import Features, Report
-from .urls import host_of, registrable_domain
+from .urls import host_of, is_registry_suffix, registrable_domain
 
 SHIPPED = "brands.json"
 
@@ -271,11 +272,20 @@ class Catalogue:
                 owners.setdefault(site, []).append(b)
         self._owners: Mapping[str, list[Brand]] = owners
         sites: dict[str, set[str]] = {}  # organisation -> every domain and asset domain
+        zones: dict[str, set[str]] = {}  # organisation -> registry suffixes it owns (gov.uk)
         for b in self.brands:
             sites.setdefault(b.organisation, set()).update(b.domains, b.assets)
+            zones.setdefault(b.organisation, set()).update(
+                d for d in b.domains if is_registry_suffix(d))
         self._org_sites: Mapping[str, frozenset[str]] = {
             org: frozenset(s) for org, s in sites.items()}
+        self._org_zones: Mapping[str, frozenset[str]] = {
+            org: frozenset(z) for org, z in zones.items()}
         self._by_name: dict[str, list[Brand]] = {}
+        # Every word of every brand name: a word of page text whose Latin look-alike is one of
+        # these is read as that word (PayPal with a Cyrillic P); other words are left alone.
+        self._name_words = frozenset(w.lower() for b in self.brands for n in b.names
+                                     for w in _WORD.findall(n))
         loose: list[str] = []
         exact: list[str] = []
         for b in self.brands:
@@ -306,12 +316,22 @@ class Catalogue:
     # --- ownership --------------------------------------------------------------------------
 
     def owners(self, host: str) -> list[Brand]:
-        """Brands whose domains or asset domains the host belongs to."""
+        """Brands whose domains or asset domains the host's site is (not a government zone:
+        a state's site under gov.br is not the federal tax office's asset)."""
         return self._owners.get(registrable_domain(host), [])
 
+    def _zoned(self, host: str) -> bool:
+        """The host is under a government's suffix of the catalogue (gov.uk)."""
+        return any(_under(host, z) for zs in self._org_zones.values() for z in zs)
+
     def owns(self, brand: Brand, host: str) -> bool:
-        """The host is the brand's, or another brand's of the same organisation."""
-        return registrable_domain(host) in self._org_sites.get(brand.organisation, frozenset())
+        """The host is the brand's, or another brand's of the same organisation. A government's
+        suffix (gov.uk) owns every name under it: only the government registers there. A
+        platform's suffix (github.io, myshopify.com) owns nothing: anyone may get a name there."""
+        org = brand.organisation
+        if registrable_domain(host) in self._org_sites.get(org, frozenset()):
+            return True
+        return any(_under(host, zone) for zone in self._org_zones.get(org, frozenset()))
 
     def same_organisation(self, host_a: str, host_b: str) -> bool:
         """One site, one brand of the catalogue, or b an identity provider (Okta, Auth0)."""
@@ -323,10 +343,27 @@ class Catalogue:
 
     # --- names ------------------------------------------------------------------------------
 
+    def plain(self, text: str) -> str:
+        """Text as a reader sees it: without invisible format characters (zero-width spaces
+        and joiners, soft hyphens, bidi controls), and with a word that imitates a brand-name
+        word in look-alike letters (Cyrillic, Greek, fullwidth) written in Latin letters."""
+        if text.isascii():
+            return text
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+        return _WORD.sub(lambda m: self._unconfused(m.group(0)), text)
+
+    def _unconfused(self, word: str) -> str:
+        if word.isascii():
+            return word
+        latin = "".join(_latin_lookalike(ch).upper() if ch.isupper() else _latin_lookalike(ch)
+                        for ch in word)
+        return latin if latin.isascii() and latin.lower() in self._name_words else word
+
     def named(self, text: str | None) -> list[tuple[Brand, str]]:
         """(brand, name as found) for each brand named in text on word boundaries."""
         if not text:
             return []
+        text = self.plain(text)
         found: dict[str, tuple[Brand, str]] = {}
         for m in [*self._loose.finditer(text), *self._exact.finditer(text)]:
             key = m.group(0)
@@ -334,17 +371,24 @@ class Catalogue:
                 found.setdefault(b.id, (b, key))
         return list(found.values())
 
-    def _identity_named(self, text: str | None) -> list[tuple[Brand, str]]:
+    def _identity_named(self, text: str | None, bare: bool = True
+                        ) -> list[tuple[Brand, str]]:
         """Brands a title or heading names *itself* as: a segment ("Sign in - Google Accounts")
-        that holds the brand name and otherwise only account words."""
+        that holds the brand name and otherwise only account words. A segment that is the bare
+        name counts only when the rest of the title is account words too ("PayPal: Log in"),
+        not when it names a site ("PayPal - Wikipedia", "Netflix | The Verge"), and never in
+        a heading (`bare=False`: an article's <h1> is often just the name of its subject)."""
         if not text:
             return []
+        segments = [s for s in _SEGMENTS.split(self.plain(text)) if _WORD.search(s)]
         out: dict[str, tuple[Brand, str]] = {}
-        for segment in _SEGMENTS.split(text):
+        for i, segment in enumerate(segments):
             for brand, name in self.named(segment):
-                rest = segment.replace(name, " ")
-                words = [w.lower() for w in _WORD.findall(rest)]
-                if len(words) <= 8 and all(w in _ACCOUNT_WORDS for w in words):
+                words = _words(segment.replace(name, " "))
+                if len(words) > 8 or not words <= _ACCOUNT_WORDS:
+                    continue
+                others = [_words(s) for j, s in enumerate(segments) if j != i]
+                if words or (bare and all(o <= _ACCOUNT_WORDS for o in others)):
                     out.setdefault(brand.id, (brand, name))
         return list(out.values())
 
@@ -360,8 +404,12 @@ class Catalogue:
         result = []
         for claim in claims.values():
             need = PRESENCE_POINTS
-            if own_name and not any(e.where in ("og:site_name", "application-name")
-                                    for e in claim.evidence):
+            # A publisher's own site name raises the bar for pages that merely mention a
+            # brand; it does not for a title or credential form that names itself as the
+            # brand (the tag is the page author's to write, so a kit can set a decoy).
+            strong = any(e.identity and e.where in ("title", "form") for e in claim.evidence)
+            if own_name and not strong and not any(
+                    e.where in ("og:site_name", "application-name") for e in claim.evidence):
                 need = PRESENCE_POINTS_OTHER_SITE_NAME
             if claim.identity and claim.points >= need:
                 result.append(claim)
@@ -418,7 +466,7 @@ class Catalogue:
 
     def _titled(self, where: str, text: str | None, identity_points: float,
                 mention_points: float) -> Iterator[tuple[Brand, Evidence]]:
-        identity = {b.id for b, _ in self._identity_named(text)}
+        identity = {b.id for b, _ in self._identity_named(text, bare=where == "title")}
         for b, n in self.named(text):
             if b.id in identity:
                 yield b, Evidence(where, _clip(text or ""), identity_points, True)
@@ -480,7 +528,7 @@ class Catalogue:
         host = host_of(url)
         if not host or ":" in host or not any(c.isalpha() for c in host):
             return None
-        if self.owners(host):
+        if self.owners(host) or self._zoned(host):
             return None
         site = registrable_domain(host)
         checks = (self._domain_in_host(host, site), self._token_in_domain(host, site),
@@ -490,7 +538,7 @@ class Catalogue:
     def _domain_in_host(self, host: str, site: str) -> Lookalike | None:
         """paypal.com-resolution-center.info, accounts.google.com.signin-verify.net"""
         for domain, b in self._brand_domains:
-            if domain != site and _embedded(domain, host):
+            if domain != site and not _under(host, domain) and _embedded(domain, host):
                 return Lookalike(b, "brand_domain_in_host", f"{domain} inside {host}")
         return None
 
@@ -552,6 +600,15 @@ def _glued(token: str, word: str) -> bool:
     """paypalsecure, verifyapple: the token glued to another word of 3+ letters (not a plural
     or a longer ordinary word such as stripes or amazonas)."""
     return token in word and len(word) - len(token) >= 3
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(w.lower() for w in _WORD.findall(text))
+
+
+def _under(host: str, domain: str) -> bool:
+    """The host is the domain or a name under it (a subdomain is not a look-alike)."""
+    return host == domain or host.endswith("." + domain)
 
 
 def _embedded(domain: str, text: str) -> bool:

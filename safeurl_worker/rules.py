@@ -324,6 +324,10 @@ def redirect_to_blocked_target(ctx: Context) -> list[Signal]:
     report = ctx.report
     if report.error is None or report.error.code != BLOCKED_TARGET_CODE or not report.redirects:
         return []
+    # A port outside FETCH_ALLOWED_PORTS is our policy, not the page's doing: a webmail that
+    # redirects to :2096 is not probing anything (netcheck words that refusal "port N ...").
+    if report.error.message.startswith("port "):
+        return []
     hop = report.redirects[-1]
     return [_signal("redirect_to_blocked_target",
                     f"{_short(hop.url)} redirected ({hop.kind}) to refused {_short(hop.location)}")]
@@ -467,12 +471,13 @@ def password_form_cross_domain(ctx: Context) -> list[Signal]:
 
 
 def _affiliated(ctx: Context, target_host: str) -> bool:
-    """The page also sends its other forms to, or loads its own scripts, styles or images
-    from, the target's site: a publisher and its sign-in service, not a collector."""
+    """The page also sends its other forms to, or loads its own styles from, the target's
+    site: a publisher and its sign-in service, not a collector. Images and scripts do not
+    count: one tracking pixel or script tag from the collector costs a kit nothing."""
     site = registrable_domain(target_host)
     f = ctx.report.features
     others = [x.action for x in f.forms if not x.has_password]
-    others += [*f.external_scripts, *f.stylesheets, *(i.src for i in f.images)]
+    others += f.stylesheets
     return any(site_of(u) == site for u in others)
 
 

@@ -97,6 +97,17 @@ def registrable_domain(host: str) -> str:
     return str(site) if site else host
 
 
+@cache
+def _icann_psl() -> PublicSuffixList:
+    return PublicSuffixList(only_icann=True)
+
+
+def is_registry_suffix(domain: str) -> bool:
+    """A public suffix run by a registry (gov.uk, gouv.fr), not a platform's section of the list
+    (github.io, myshopify.com, where anyone may get a name)."""
+    return bool(_icann_psl().is_public(domain))
+
+
 def site_of(url: str | None) -> str | None:
     host = host_of(url)
     return registrable_domain(host) if host else None

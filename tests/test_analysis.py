@@ -497,6 +497,17 @@ def test_redirect_to_internal_address_is_malicious() -> None:
     assert analyze(URL, bare).verdict is Verdict.MALICIOUS
 
 
+def test_redirect_to_a_port_we_do_not_fetch_is_not_evidence() -> None:
+    """cPanel webmail redirects to :2096: refused by our port policy, not an SSRF probe."""
+    hops = [RedirectHop(url=URL, status=301, location="https://shop.example.com:2096/")]
+    refused = Report(fetcher_version="test", requested_url=URL, final_url=URL, http_status=301,
+                     redirects=hops, error=ReportError(
+                         code="BLOCKED_TARGET", message="port 2096 is not in the allowed ports"))
+    result = analyze(URL, refused)
+    assert "redirect_to_blocked_target" not in names(result)
+    assert result.verdict is not Verdict.MALICIOUS
+
+
 def test_refused_target_without_redirect_is_not_evidence() -> None:
     """A URL that names an internal address itself is refused, not judged (pipeline FAILs it)."""
     direct = unfetched("http://10.0.0.1/", code="BLOCKED_TARGET")

@@ -290,3 +290,42 @@ def test_self_hosted_software_on_its_users_domains_is_not_impersonation(cat: Cat
                              has_email=True, text="Username Password Login")])
     assert "roundcube" in claimed(cat, login)
     assert analyze(url, login).signals == []
+
+
+def test_a_governments_suffix_owns_every_name_under_it_and_a_platforms_owns_none(
+        cat: Catalogue) -> None:
+    hmrc = next(b for b in cat.brands if "gov.uk" in b.domains)
+    assert cat.owns(hmrc, "www.access.service.gov.uk")  # only the government registers there
+    assert cat.lookalike("https://www.access.service.gov.uk/login") is None
+    github = next(b for b in cat.brands if b.id == "github")
+    assert not cat.owns(github, "octocat.github.io")  # anyone gets a name there
+    assert cat.lookalike("https://octocat.github.io/") is None  # a real subdomain, no look-alike
+    kit = page("https://octocat.github.io/login", title="Sign in to GitHub",
+               forms=[Form(action="https://collect.example/p", method="post",
+                           has_password=True, has_email=True, text="GitHub sign in")])
+    assert "github" in claimed(cat, kit)  # GitHub's login on a Pages site is impersonation
+
+
+@pytest.mark.parametrize("title", ["Pay\u200bPal: Log in to your account",
+                                   "Pay\u00adPal: Log in to your account",
+                                   "\u0420ayPal: Log in to your account",  # Cyrillic Er
+                                   "Micro\u200dsoft account"])
+def test_invisible_and_look_alike_letters_do_not_hide_a_brand(cat: Catalogue,
+                                                             title: str) -> None:
+    assert claimed(cat, page(title=title, forms=[Form(action="https://kit.example.net/p",
+                                                      method="post", has_password=True)]))
+
+
+def test_an_article_or_a_tag_page_about_a_brand_does_not_present_itself_as_it(
+        cat: Catalogue) -> None:
+    for title in ("PayPal - Wikipedia", "Netflix | The Verge"):
+        assert claimed(cat, page(title=title, headings=[title.split()[0]],
+                                 text=f"{title.split()[0]} raised its prices.")) == [], title
+    assert claimed(cat, page(title="PayPal: Log in")) == ["paypal"]
+
+
+def test_a_decoy_site_name_does_not_hide_a_kit(cat: Catalogue) -> None:
+    kit = page(title="Log in to your PayPal account", meta=PageMeta(og_site_name="Secure Portal"),
+               forms=[Form(action="https://kit.example.net/p", method="post", has_password=True,
+                           has_email=True)])
+    assert claimed(cat, kit) == ["paypal"]

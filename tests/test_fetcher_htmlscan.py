@@ -91,8 +91,18 @@ def test_form_attribute_makes_an_outside_input_part_of_the_form() -> None:
 
 
 def test_input_inside_a_form_but_owned_by_another() -> None:
-    page = scan("<form id=a><input type=password form=b></form><form id=b></form>")
-    assert [f["has_password"] for f in page.forms] == [False, True]
+    page = scan("<form id=a action=/a><input type=password form=b></form>"
+                "<form id=b action=/b></form>")
+    assert {f["action"].rsplit("/", 1)[1]: f["has_password"] for f in page.forms} == {
+        "a": False, "b": True}
+
+
+def test_decoy_forms_and_hidden_inputs_cannot_push_a_login_past_the_caps() -> None:
+    decoys = "<form action=/d></form>" * 60
+    padding = "<input type=hidden name=h value=x>" * 300
+    page = scan(decoys + f"<form action=/login>{padding}<input type=password></form>")
+    assert page.forms[0]["has_password"] and page.forms[0]["action"].endswith("/login")
+    assert len(page.forms) == 50 and page.dropped["features.forms"] == 11
 
 
 def test_table_form_owns_the_inputs_the_parser_gave_it() -> None:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         report = fetch.error_report(args[0], "READ_TIMEOUT", "hard deadline reached")
     signal.setitimer(signal.ITIMER_REAL, 0)
     _emit(report)
-    if any(t.is_alive() for t in htmlscan.ABANDONED):
+    if htmlscan.parse_running():
         # A parse that overran its budget is still running in C: do not wait for it, and do
         # not tear the interpreter down under it. The report is out; exit now.
         os._exit(0)

@@ -41,7 +41,7 @@ MAX_ICONS = 10
 MAX_IMAGES = 50
 MAX_STYLESHEETS = 50
 MAX_TEXT = 4096
-MAX_FIELDS = 64  # controls examined per form
+MAX_FIELDS = 256  # controls examined per form (hidden inputs not counted)
 # Inline script text kept for the statistics; beyond this a page is scored on what was kept.
 MAX_SCRIPT_TEXT = 4 * 1024 * 1024
 
@@ -366,16 +366,20 @@ def _parse_in_time(text: str, timeout: float) -> LexborHTMLParser | None:
         return None
     box: list[LexborHTMLParser] = []
     thread = threading.Thread(target=lambda: box.append(LexborHTMLParser(text, scripting=True)),
-                              name="lexbor-parse", daemon=True)
+                              name=PARSE_THREAD, daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive() or not box:
-        ABANDONED.append(thread)
         return None
     return box[0]
 
 
-ABANDONED: list[threading.Thread] = []  # parses still running; __main__ exits without them
+PARSE_THREAD = "lexbor-parse"  # an abandoned parse still running has this name
+
+
+def parse_running() -> bool:
+    """A parse that overran its budget is still running (the process must not wait for it)."""
+    return any(t.name == PARSE_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 # --- the features -----------------------------------------------------------------------------
@@ -474,18 +478,25 @@ class _Extractor:
         # names none)
         for node in self._all("input[form], select[form], textarea[form], button[form]"):
             owner = (node.attrs.get("form") or "")
-            if len(owned.setdefault(owner, [])) < MAX_FIELDS:
+            if not _hidden_input(node) and len(owned.setdefault(owner, [])) < MAX_FIELDS:
                 owned[owner].append(node)
         labels = _labels_by_id(self._all("label[for]"))
+        entries: list[dict[str, Any]] = []
         for i, form in enumerate(forms):
-            if len(self.page.forms) >= MAX_FORMS or self._late():
+            if self._late():
                 self.page.drop("forms", len(forms) - i)
                 break
             controls = _own_controls(form)
             form_id = form.attrs.get("id")
             if form_id:
                 controls += owned.get(form_id, [])
-            self.page.forms.append(self._form(form, controls, labels))
+            entries.append(self._form(form, controls, labels))
+        # Forms that ask for credentials first, so decoy forms before them cannot push them
+        # past the cap (here or when the report is fitted to the stdout cap).
+        entries.sort(key=lambda e: not any(e[k] for k in _ASKS))
+        self.page.forms.extend(entries[:MAX_FORMS])
+        if len(entries) > MAX_FORMS:
+            self.page.drop("forms", len(entries) - MAX_FORMS)
 
     def _form(self, form: LexborNode, controls: list[LexborNode],
               labels: dict[str, LexborNode]) -> dict[str, Any]:
@@ -607,7 +618,8 @@ def _own_controls(form: LexborNode) -> list[LexborNode]:
     `<table><form><tr><td><input>` leaves the form empty in the DOM, yet the parser's form
     element pointer makes it the inputs' owner (a browser submits them with it): a form that
     is a direct child of table markup owns the unowned controls of its table."""
-    controls = [c for c in form.css(_CONTROLS)[:MAX_FIELDS] if "form" not in c.attrs]
+    controls = [c for c in form.css(_CONTROLS)
+                if "form" not in c.attrs and not _hidden_input(c)][:MAX_FIELDS]
     parent = form.parent
     if controls or parent is None or parent.tag not in _TABLE_PARTS:
         return controls
@@ -616,8 +628,17 @@ def _own_controls(form: LexborNode) -> list[LexborNode]:
         table = table.parent
     if table is None:
         return controls
-    return [c for c in table.css(_CONTROLS)[:MAX_FIELDS]
-            if "form" not in c.attrs and not _inside(c, "form", table)]
+    return [c for c in table.css(_CONTROLS)
+            if "form" not in c.attrs and not _hidden_input(c)
+            and not _inside(c, "form", table)][:MAX_FIELDS]
+
+
+_ASKS = ("has_password", "has_card", "has_otp", "has_email")
+
+
+def _hidden_input(node: LexborNode) -> bool:
+    """<input type=hidden>: carries no label and asks the user nothing (and is free padding)."""
+    return node.tag == "input" and (node.attrs.get("type") or "").strip().lower() == "hidden"
 
 
 def _inside(node: LexborNode, tag: str, stop: LexborNode) -> bool:
