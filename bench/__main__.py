@@ -5,8 +5,9 @@
   3. recovery: SIGKILL a replica holding jobs, time until each job runs again elsewhere
   4. footprint: worker RSS and CPU per job at concurrency 50 (from part 1)
   5. scale-out: 1, 2 and 4 replicas on the no-op path, with the CPU split by process
-Prints one table and writes docs/bench/results.json and docs/bench/results.png.
-Every count and duration is bounded by the arguments.
+Every part runs its systems in alternating rounds (A B C A B C ...) and prints each figure, and
+each ratio (computed within a round), as `median (min-max)` over the rounds. Writes every round
+to docs/bench/results.json and the medians with their ranges to docs/bench/results.png.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -21,19 +23,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import redis.asyncio as redis
 import uvloop
 
-from safeurl_worker.store import create_pool
-
-from .ours import BenchEnv, _pct, enqueue, run_ours, start_worker, wait_consumers
+from . import competitors
+from .harness import alternate, cpu_by_role, percentile, ratios, show, spawn, summarize
+from .ours import enqueue, run_ours, running, start_worker, wait_completed
 
 ROOT = Path(__file__).resolve().parent.parent
 FETCHER_IMAGE = os.environ.get("FETCHER_IMAGE", "safeurl-fetcher:latest")
+T = TypeVar("T")
 
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -43,43 +45,28 @@ def sh(*cmd: str, check: bool = True) -> str:
     return out.stdout.strip()
 
 
-# --- resource accounting (part 5) -----------------------------------------------------------
-
-def cpu_by_process() -> dict[str, float]:
-    """CPU seconds so far of the processes that share the machine, grouped by role."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        role = ("postgres" if comm == "postgres" else "redis" if comm.startswith("redis")
-                else "worker" if "bench.ours worker" in cmd else None)
-        if role:
-            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
-    return out
+def _rounds(n: int, runs: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, Any]:
+    """Alternating rounds of `runs` (each returns a dict of figures) with their spread."""
+    rounds = alternate(n, runs)
+    return {"rounds": rounds, "summary": summarize(rounds)}
 
 
-# --- part 1 ---------------------------------------------------------------------------------
+def _sync(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """One run of an async part on its own uvloop (each round starts from a fresh loop)."""
+    return uvloop.run(fn(*args))
 
-def part1(jobs: int, concurrency: int, redis_url: str, systems: list[str]) -> dict[str, Any]:
-    from . import competitors
 
-    ours = uvloop.run(run_ours(jobs, concurrency, redis_url))
-    rows = [dataclasses.asdict(ours)]
-    runners: dict[str, Callable[..., Any]] = {"saq": competitors.run_saq,
-                                              "arq": competitors.run_arq,
-                                              "celery": competitors.run_celery}
-    for name in systems:
-        res = runners[name](jobs, concurrency, redis_url)
-        row = dataclasses.asdict(res)
-        row["ours_ratio"] = ours.jobs_per_s / res.jobs_per_s
-        rows.append(row)
-    return {"jobs": jobs, "concurrency": concurrency, "rows": rows}
+def _no_op_round(a: argparse.Namespace, system: str) -> dict[str, Any]:
+    return dataclasses.asdict(
+        _sync(run_ours, a.jobs, a.concurrency, a.redis_url) if system == "safeurl"
+        else competitors.run_system(system, a.jobs, a.concurrency, a.redis_url))
+
+
+def part1(a: argparse.Namespace) -> dict[str, Any]:
+    res = _rounds(a.rounds, {s: functools.partial(_no_op_round, a, s)
+                             for s in ["safeurl", *a.systems.split(",")] if s})
+    return {"jobs": a.jobs, "concurrency": a.concurrency, **res,
+            "ours_ratio": ratios(res["rounds"], "safeurl", "jobs_per_s")}
 
 
 # --- part 2 ---------------------------------------------------------------------------------
@@ -110,95 +97,64 @@ class TestHost:
         sh("docker", "network", "rm", self.network, check=False)
 
 
-def raw_docker_rate(host: TestHost, scans: int, concurrency: int) -> float:
+def docker_run_rate(host: TestHost, scans: int, concurrency: int) -> dict[str, float]:
     """The physical limit: `concurrency` parallel `docker run --rm` loops of the same image."""
-    per_loop = [scans // concurrency + (1 if i < scans % concurrency else 0)
-                for i in range(concurrency)]
     script = ("for i in $(seq {n}); do docker run --rm --network {net} -e FETCH_ALLOW_CIDRS={c} "
               "-e FETCH_ALLOWED_PORTS=80 {img} http://site-a.test/ >/dev/null; done")
     t0 = time.monotonic()
-    procs = [subprocess.Popen(["bash", "-c", script.format(n=n, net=host.network, c=host.subnet,
-                                                            img=FETCHER_IMAGE)])
-             for n in per_loop if n]
+    procs = [subprocess.Popen(["bash", "-c", script.format(
+        n=n, net=host.network, c=host.subnet, img=FETCHER_IMAGE)])
+        for i in range(concurrency) if (n := scans // concurrency + (i < scans % concurrency))]
     for p in procs:
         p.wait(timeout=900)
-    return scans / (time.monotonic() - t0)
+    return {"scans_per_s": scans / (time.monotonic() - t0)}
 
 
-def _docker_worker(env: BenchEnv, host: TestHost, concurrency: int) -> subprocess.Popen[bytes]:
-    extra = {"FETCHER_NETWORK": host.network, "FETCH_ALLOW_CIDRS": host.subnet,
-             "FETCH_ALLOWED_PORTS": "80", "FETCHER_IMAGE": FETCHER_IMAGE}
-    log = open(f"/tmp/{env.stream}.log", "wb")  # noqa: SIM115 - lives with the process
-    return subprocess.Popen([str(Path(sys.executable).parent / "safeurl-worker"), "run"],
-                            env=env.worker_env("bench-docker", concurrency, **extra),
-                            stdout=log, stderr=subprocess.STDOUT)
-
-
-async def worker_rate(host: TestHost, scans: int, concurrency: int, redis_url: str) -> float:
+async def worker_rate(host: TestHost, scans: int, concurrency: int,
+                      redis_url: str) -> dict[str, float]:
     """Our worker with the real Docker runner on the same page."""
-    env = await BenchEnv.create(redis_url)
-    r = redis.Redis.from_url(redis_url)
-    pool = await create_pool(env.dsn, 2)
-    p = _docker_worker(env, host, concurrency)
-    try:
-        await wait_consumers(r, env, 1)
+    async with running(redis_url, lambda env: [spawn(
+            [str(Path(sys.executable).parent / "safeurl-worker"), "run"],
+            env.worker_env("bench-docker", concurrency, FETCHER_NETWORK=host.network,
+                           FETCH_ALLOW_CIDRS=host.subnet, FETCH_ALLOWED_PORTS="80",
+                           FETCHER_IMAGE=FETCHER_IMAGE), Path(f"/tmp/{env.stream}.log"))],
+            ) as (env, r, pool, _):
         t0 = time.time()
-        ids = [uuid.uuid4() for _ in range(scans)]
-        await pool.executemany("INSERT INTO scan_jobs (id, url) VALUES ($1, 'http://site-a.test/')",
-                               [(i,) for i in ids])
-        for i in ids:
-            await r.xadd(env.stream, {"job_id": str(i)})
-        deadline = time.monotonic() + 900
-        while await pool.fetchval("SELECT count(*) FROM scan_jobs WHERE state = 'COMPLETED'") \
-                < scans:
-            if time.monotonic() > deadline:
-                raise RuntimeError("container benchmark did not finish in 900 s")
-            await asyncio.sleep(0.1)
-        t1 = float(await pool.fetchval("SELECT extract(epoch FROM max(finished_at)) "
-                                       "FROM scan_jobs"))
-        return scans / (t1 - t0)
-    finally:
-        p.send_signal(signal.SIGTERM)
-        p.wait(60)
-        await pool.close()
-        await r.aclose()
-        await env.drop()
+        await enqueue(pool, r, env.stream, scans, url="http://site-a.test/")
+        return {"scans_per_s": scans / (await wait_completed(pool, scans, 900) - t0)}
 
 
-def part2(scans: int, levels: list[int], redis_url: str) -> dict[str, Any]:
+def part2(a: argparse.Namespace) -> dict[str, Any]:
     host = TestHost.start()
-    rows = []
+    levels = []
     try:
-        for c in levels:
-            raw = raw_docker_rate(host, scans, c)
-            ours = uvloop.run(worker_rate(host, scans, c, redis_url))
-            rows.append({"concurrency": c, "scans": scans, "worker_scans_per_s": ours,
-                         "docker_run_scans_per_s": raw, "ratio": ours / raw})
+        for c in map(int, a.container_concurrency.split(",")):
+            res = _rounds(a.rounds, {
+                "docker_run": functools.partial(docker_run_rate, host, a.scans, c),
+                "worker": functools.partial(_sync, worker_rate, host, a.scans, c, a.redis_url)})
+            levels.append({"concurrency": c, **res,
+                           "ratio": ratios(res["rounds"], "worker", "scans_per_s")["docker_run"]})
     finally:
         host.stop()
-    return {"rows": rows}
+    return {"scans": a.scans, "levels": levels}
 
 
 # --- part 3 ---------------------------------------------------------------------------------
 
 async def recovery(jobs: int, redis_url: str, job_seconds: float) -> dict[str, Any]:
     """Two replicas with default leases; jobs take `job_seconds`; SIGKILL the first holder."""
-    env = await BenchEnv.create(redis_url)
-    r = redis.Redis.from_url(redis_url)
-    pool = await create_pool(env.dsn, 2)
-    procs = {w: start_worker(env, w, 4, delay_s=job_seconds) for w in ("rec-a", "rec-b")}
-    try:
-        await wait_consumers(r, env, 2)
+    async with running(redis_url, lambda env: [start_worker(env, w, 4, delay_s=job_seconds)
+                                               for w in ("rec-a", "rec-b")]) as (env, r, pool, ps):
         await enqueue(pool, r, env.stream, jobs)
         held: list[Any] = []
-        deadline0 = time.monotonic() + 60
-        while len(held) < 2 and time.monotonic() < deadline0:
+        deadline = time.monotonic() + 60
+        while len(held) < 2 and time.monotonic() < deadline:
             held = await r.xpending_range(env.stream, "scan-workers", min="-", max="+",
                                           count=100, consumername="rec-a")
             await asyncio.sleep(0.05)
         killed_at = time.time()
-        procs["rec-a"].send_signal(signal.SIGKILL)
-        procs["rec-a"].wait()
+        ps[0].send_signal(signal.SIGKILL)
+        ps[0].wait()
         job_ids = []
         for h in held:
             entries: Any = await r.xrange(env.stream, min=h["message_id"], max=h["message_id"])
@@ -210,81 +166,85 @@ async def recovery(jobs: int, redis_url: str, job_seconds: float) -> dict[str, A
                 "SELECT job_id, min(extract(epoch FROM at)) AS t FROM scan_audit_log "
                 "WHERE job_id = ANY($1::uuid[]) AND worker_id = 'rec-b' GROUP BY job_id",
                 job_ids)
-            times = sorted(float(x["t"]) - killed_at for x in rows)
+            times = [float(x["t"]) - killed_at for x in rows]
             await asyncio.sleep(0.2)
         return {"jobs_held": len(job_ids), "restarted": len(times),
-                "p50_s": _pct(times, 0.5) if times else None,
-                "max_s": max(times) if times else None,
-                "lease_timeout_s": 15.0, "target_s": 16.0}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(60)
-        await pool.close()
-        await r.aclose()
-        await env.drop()
+                "p50_s": percentile(times, 0.5) if times else None,
+                "max_s": max(times, default=None), "lease_timeout_s": 15.0}
+
+
+def part3(a: argparse.Namespace) -> dict[str, Any]:
+    # With headroom (6 jobs, 2 x 4 slots: the survivor has free slots) and saturated (40 jobs:
+    # a reclaimed job waits for a free slot, at most one job's length).
+    return _rounds(a.rounds, {c: functools.partial(_sync, recovery, n, a.redis_url, 5.0)
+                              for c, n in (("headroom", 6), ("saturated", 40))})
 
 
 # --- part 5 ---------------------------------------------------------------------------------
 
-def part5(jobs: int, concurrency: int, redis_url: str, replicas: list[int]) -> dict[str, Any]:
-    """Throughput by replica count, and where the cores went (CPU seconds per process role
-    over the run, read from /proc while every process of the run is still alive)."""
-    rows = []
-    for n in replicas:
-        before = cpu_by_process()
-        producer0 = sum(os.times()[:2])
-        t0 = time.monotonic()
-        snap: dict[str, Any] = {}
+ROLES = {"worker": lambda p: "bench.ours worker" in p.cmdline,
+         "postgres": lambda p: p.comm == "postgres", "redis": lambda p: p.comm.startswith("redis")}
 
-        def done(snap: dict[str, Any] = snap, t0: float = t0, p0: float = producer0) -> None:
-            snap["cpu"], snap["wall"] = cpu_by_process(), time.monotonic() - t0
-            snap["producer"] = sum(os.times()[:2]) - p0
 
-        res = uvloop.run(run_ours(jobs, concurrency, redis_url, replicas=n, on_done=done))
-        used = {k: (snap["cpu"].get(k, 0) - before.get(k, 0)) / snap["wall"]
-                for k in ("worker", "postgres", "redis")}
-        used["producer"] = snap["producer"] / snap["wall"]
-        rows.append({"replicas": n, "jobs_per_s": res.jobs_per_s,
-                     "cores_used": {k: round(v, 2) for k, v in used.items()}})
-    return {"rows": rows, "cores": os.cpu_count()}
+def scale_out(a: argparse.Namespace, replicas: int) -> dict[str, Any]:
+    """Throughput, and where the cores went (CPU seconds per process role over the run, read
+    from /proc while every process of the run is still alive)."""
+    before, producer0, t0 = cpu_by_role(ROLES), sum(os.times()[:2]), time.monotonic()
+    after: dict[str, float] = {}
+
+    def done() -> None:
+        wall = time.monotonic() - t0
+        after.update({k: (v - before[k]) / wall for k, v in cpu_by_role(ROLES).items()},
+                     producer=(sum(os.times()[:2]) - producer0) / wall)
+
+    res = uvloop.run(run_ours(a.jobs, a.concurrency, a.redis_url, replicas=replicas, on_done=done))
+    return {"jobs_per_s": res.jobs_per_s, **{f"cores_{k}": v for k, v in after.items()}}
+
+
+def part5(a: argparse.Namespace) -> dict[str, Any]:
+    return {"cores": os.cpu_count(), **_rounds(a.rounds, {
+        n: functools.partial(scale_out, a, int(n)) for n in a.replicas.split(",")})}
 
 
 # --- report ---------------------------------------------------------------------------------
 
 def table(res: dict[str, Any]) -> str:
-    lines = []
-    if "part1" in res:
-        p = res["part1"]
-        lines.append(f"1. no-op path, {p['jobs']} jobs, concurrency {p['concurrency']}")
-        lines.append(f"   {'system':<9}{'jobs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-                     f"{'ours/x':>8}")
-        for row in p["rows"]:
-            ratio = f"{row['ours_ratio']:.2f}" if "ours_ratio" in row else "-"
-            lines.append(f"   {row['system']:<9}{row['jobs_per_s']:>9.0f}{row['p50_ms']:>9.0f}"
-                         f"{row['p95_ms']:>9.0f}{row['p99_ms']:>9.0f}{ratio:>8}")
-        ours = p["rows"][0]
+    w, lines = 19, []  # + 1 space: a wide cell never runs into the next
+    if p := res.get("part1"):
+        lines += [f"1. no-op path, {p['jobs']} jobs, concurrency {p['concurrency']}, "
+                  f"{len(p['rounds'])} rounds: median (min-max)",
+                  "   " + "".join(f"{h:<{w}} " for h in ("system", "jobs/s", "p50 ms", "p95 ms",
+                                                       "p99 ms", "ours/x"))]
+        for name, s in p["summary"].items():
+            ratio = show(p["ours_ratio"][name], ".2f") if name in p["ours_ratio"] else "-"
+            lines.append("   " + "".join(f"{c:<{w}} " for c in (name, *(
+                show(s[k]) for k in ("jobs_per_s", "p50_ms", "p95_ms", "p99_ms")), ratio)))
+        ours = p["summary"]["safeurl"]
         lines.append(f"4. footprint at concurrency {p['concurrency']}: RSS "
-                     f"{ours['rss_mb']:.0f} MB, CPU {ours['cpu_ms_per_job']:.2f} ms/job")
-    if "part2" in res:
-        lines.append("2. container path (scans/s)  concurrency  worker  docker-run  ratio")
-        for row in res["part2"]["rows"]:
-            lines.append(f"   {'':<26}{row['concurrency']:>11}{row['worker_scans_per_s']:>8.2f}"
-                         f"{row['docker_run_scans_per_s']:>12.2f}{row['ratio']:>7.2f}")
-    for case, p3 in res.get("part3", {}).items():
-        lines.append(f"3. recovery after SIGKILL ({case}, 5 s jobs): {p3['restarted']}/"
-                     f"{p3['jobs_held']} jobs restarted, p50 {p3['p50_s']:.1f} s, "
-                     f"max {p3['max_s']:.1f} s (lease {p3['lease_timeout_s']:.0f} s)")
-    if "part5" in res:
-        lines.append("5. scale-out (no-op path)  replicas  jobs/s  cores used: workers / postgres "
-                     "/ redis / producer")
-        for row in res["part5"]["rows"]:
-            c = row["cores_used"]
-            lines.append(f"   {'':<24}{row['replicas']:>9}{row['jobs_per_s']:>8.0f}  "
-                         f"{c['worker']:.2f} / {c['postgres']:.2f} / {c['redis']:.2f} / "
-                         f"{c['producer']:.2f}")
-    return "\n".join(lines)
+                     f"{show(ours['rss_mb'])} MB, CPU {show(ours['cpu_ms_per_job'], '.2f')} ms/job")
+    if p := res.get("part2"):
+        head = f"2. container path, {p['scans']} scans/level (scans/s)"
+        lines.append(f"{head:<45}" + "".join(
+            f"{h:<{w}} " for h in ("concurrency", "worker", "docker-run", "ratio")))
+        for lv in p["levels"]:
+            s = lv["summary"]
+            lines.append(" " * 45 + "".join(f"{c:<{w}} " for c in (
+                str(lv["concurrency"]), show(s["worker"]["scans_per_s"], ".2f"),
+                show(s["docker_run"]["scans_per_s"], ".2f"), show(lv["ratio"], ".2f"))))
+    if p := res.get("part3"):
+        for case, s in p["summary"].items():
+            held = sum(r[case]["jobs_held"] for r in p["rounds"])
+            back = sum(r[case]["restarted"] for r in p["rounds"])
+            lines.append(f"3. recovery after SIGKILL ({case}, 5 s jobs, {len(p['rounds'])} rounds):"
+                         f" {back}/{held} jobs restarted, p50 {show(s['p50_s'], '.1f')} s, "
+                         f"max {show(s['max_s'], '.1f')} s (lease 15 s)")
+    if p := res.get("part5"):
+        lines.append(f"{'5. scale-out (no-op path)':<27}{'replicas':>9}  {'jobs/s':<{w}} "
+                     "cores used: workers / postgres / redis / producer")
+        for n, s in p["summary"].items():
+            lines.append(f"{n:>36}  {show(s['jobs_per_s']):<{w}} " + " / ".join(
+                show(s[f"cores_{k}"], ".2f") for k in ("worker", "postgres", "redis", "producer")))
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def chart(res: dict[str, Any], path: Path) -> None:
@@ -293,28 +253,33 @@ def chart(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [k for k in ("part1", "part2", "part5") if k in res]
-    fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
-    for ax, key in zip(axes[0], parts, strict=True):
-        if key == "part1":
-            rows = res[key]["rows"]
-            ax.bar([r["system"] for r in rows], [r["jobs_per_s"] for r in rows],
-                   color=["tab:green"] + ["tab:gray"] * (len(rows) - 1))
-            ax.set_title(f"no-op jobs/s (concurrency {res[key]['concurrency']})")
-        elif key == "part2":
-            rows = res[key]["rows"]
-            xs = [str(r["concurrency"]) for r in rows]
-            ax.plot(xs, [r["worker_scans_per_s"] for r in rows], "o-", label="safeurl worker")
-            ax.plot(xs, [r["docker_run_scans_per_s"] for r in rows], "s--",
-                    label="docker run --rm loops")
-            ax.set_title("container scans/s by concurrency")
+    panels: list[tuple[str, list[str], dict[str, list[dict[str, float]]]]] = []
+    if p := res.get("part1"):
+        panels.append((f"no-op jobs/s (concurrency {p['concurrency']})", list(p["summary"]),
+                       {"": [s["jobs_per_s"] for s in p["summary"].values()]}))
+    if p := res.get("part2"):
+        panels.append(("container scans/s by concurrency",
+                       [str(lv["concurrency"]) for lv in p["levels"]],
+                       {label: [lv["summary"][side]["scans_per_s"] for lv in p["levels"]]
+                        for side, label in (("worker", "safeurl worker"),
+                                            ("docker_run", "docker run --rm loops"))}))
+    if p := res.get("part5"):
+        panels.append(("scale-out: no-op jobs/s by replicas", list(p["summary"]),
+                       {"": [s["jobs_per_s"] for s in p["summary"].values()]}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, xs, series) in zip(axes[0], panels, strict=True):
+        for label, ss in series.items():
+            ys = [s["median"] for s in ss]
+            err = [[s["median"] - s["min"] for s in ss], [s["max"] - s["median"] for s in ss]]
+            if title.startswith("no-op"):
+                ax.bar(xs, ys, yerr=err, capsize=4,
+                       color=["tab:green"] + ["tab:gray"] * (len(xs) - 1))
+            else:
+                ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=4, label=label)
+        ax.set_title(title)
+        if len(series) > 1:
             ax.legend()
-        else:
-            rows = res[key]["rows"]
-            ax.plot([r["replicas"] for r in rows], [r["jobs_per_s"] for r in rows], "o-")
-            ax.set_title("scale-out: no-op jobs/s by replicas")
-            ax.set_xticks([r["replicas"] for r in rows])
-    fig.suptitle(f"SafeURL Worker benchmark ({res['machine']})")
+    fig.suptitle(f"SafeURL Worker benchmark ({res['machine']}; median, bars: min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -322,6 +287,8 @@ def chart(res: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per part (>= 3 for "
+                    "a spread worth reading)")
     ap.add_argument("--jobs", type=int, default=10_000, help="part 1 and 5 job count")
     ap.add_argument("--concurrency", type=int, default=50, help="part 1 and 5 concurrency")
     ap.add_argument("--scans", type=int, default=200, help="part 2 scans per level")
@@ -333,31 +300,24 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     ap.add_argument("--merge", action="store_true",
                     help="update the parts run now in an existing results.json")
-    args = ap.parse_args()
-    parts = set(args.parts.split(","))
+    a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be >= 1")
     res: dict[str, Any] = {"machine": f"{os.cpu_count()} cores",
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if args.merge and (args.out / "results.json").exists():
-        res = {**json.loads((args.out / "results.json").read_text()), **res}
-    if "1" in parts:
-        res["part1"] = part1(args.jobs, args.concurrency, args.redis_url,
-                             [s for s in args.systems.split(",") if s])
-    if "2" in parts:
-        res["part2"] = part2(args.scans, [int(c) for c in args.container_concurrency.split(",")],
-                             args.redis_url)
-    if "3" in parts:
-        # With headroom (6 jobs, 2 x 4 slots: the survivor has free slots) and saturated (40 jobs:
-        # a reclaimed job waits for a free slot, at most one job's length).
-        res["part3"] = {"headroom": uvloop.run(recovery(6, args.redis_url, job_seconds=5.0)),
-                        "saturated": uvloop.run(recovery(40, args.redis_url, job_seconds=5.0))}
-    if "5" in parts:
-        res["part5"] = part5(args.jobs, args.concurrency, args.redis_url,
-                             [int(n) for n in args.replicas.split(",")])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(res, indent=2))
-    chart(res, args.out / "results.png")
+    if a.merge and (a.out / "results.json").exists():
+        old = json.loads((a.out / "results.json").read_text())
+        # Parts written before the rounds existed have no spread to show: not merged.
+        res = {**{k: v for k, v in old.items() if not k.startswith("part")
+                  or "summary" in v or "levels" in v}, **res}
+    for part, run in (("1", part1), ("2", part2), ("3", part3), ("5", part5)):
+        if part in a.parts.split(","):
+            res[f"part{part}"] = run(a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "results.json").write_text(json.dumps(res, indent=2))
+    chart(res, a.out / "results.png")
     print(table(res))
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.png'}")
+    print(f"wrote {a.out / 'results.json'} and {a.out / 'results.png'}")
 
 
 if __name__ == "__main__":

@@ -1,714 +1,286 @@
-"""Competitor side of the no-op benchmark: saq, arq and Celery on the same Redis.
+"""Competitor side of the no-op benchmark: saq, arq and Celery on the same Redis, as a table.
 
-Each ``run_*`` function:
+Each system is data plus two small adapters: how its worker process serves a no-op task, and how
+a producer enqueues one the way its docs show. One run (`run_system`):
 
-1. starts ONE worker process for the system at the given concurrency and waits until it has
-   run a warm-up job (so it is consuming, and the producer's connection is open);
-2. enqueues ``jobs`` no-op jobs from a single producer, one at a time, the way the project's docs
-   show, passing ``time.time()`` (taken just before the enqueue call) as the task argument;
-3. the no-op task takes ``time.time()`` at its end and records ``"<enqueued_at> <done_at>"`` with
-   one plain RPUSH into a per-run Redis list - the same extra cost for every system;
-4. when all ``jobs`` entries are in the list, computes latencies (done - enqueued per job) and the
-   wall time from the first enqueue to the last completion;
-5. stops the worker (always, in a ``finally``; SIGTERM, then SIGKILL) and deletes every key the run
-   created. Every key carries the per-run id, so only our own keys are deleted.
+1. starts ONE worker process at the given concurrency and waits until it has run a warm-up job;
+2. enqueues ``jobs`` no-op jobs from a single producer, one at a time, passing ``time.time()``
+   (taken just before the enqueue call) as the task argument;
+3. the task records ``"<enqueued_at> <done_at>"`` with one plain RPUSH into a per-run list - the
+   same extra cost for every system;
+4. when all records are in, computes latencies and the wall time first enqueue -> last completion;
+5. stops the worker (SIGTERM, then SIGKILL) and deletes every key carrying the per-run id.
 
-Library defaults are used except where noted in ``Result.notes``. Worker logging is at WARNING
-for all three systems so that no system pays for per-job log output.
-
-CLI: ``python -m bench.competitors --system saq|arq|celery|all --jobs N --concurrency C``
+Library defaults otherwise (see each system's notes); worker logging at WARNING for all three.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import logging
-import math
-import multiprocessing
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
+from .harness import Proc, Result, read_proc, spawn, stop
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/5"
-SYSTEMS = ("saq", "arq", "celery")
-CELERY_POOLS = ("threads", "gevent")
-# Default Celery pool: the one that gave Celery its best single-process figure on this machine
-# (see the module's report; both are single-process pools that honour --concurrency).
-DEFAULT_CELERY_POOL = "threads"
-
-READY_TIMEOUT_S = 60.0  # worker start-up + warm-up job
-MAX_TIMEOUT_S = 300.0
-MIN_TIMEOUT_S = 30.0
-EXPECTED_RATE = 500.0  # jobs/s assumed for the "10 x expected" bound
-STOP_GRACE_S = 15.0
-POLL_S = 0.005
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Result:
-    system: str
-    jobs: int
-    concurrency: int
-    seconds: float  # first enqueue -> last completion
-    jobs_per_s: float
-    p50_ms: float  # per-job latency, enqueue -> completion
-    p95_ms: float
-    p99_ms: float
-    notes: str
+_ENV = ("BENCH_REDIS_URL", "BENCH_RUN_ID", "BENCH_CONCURRENCY")
 
 
 class BenchError(RuntimeError):
     """A run that could not complete: worker died, never became ready, or timed out."""
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-def default_timeout(jobs: int) -> float:
-    """10x the expected duration at EXPECTED_RATE, within [MIN_TIMEOUT_S, MAX_TIMEOUT_S]."""
-    return min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, 10.0 * jobs / EXPECTED_RATE))
-
-
-def _new_run_id(system: str) -> str:
-    return f"bench-{system}-{uuid.uuid4().hex[:12]}"
-
-
-def _record_value(enqueued_at: float) -> str:
-    return f"{enqueued_at!r} {time.time()!r}"
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def _summarize(
-    system: str, jobs: int, concurrency: int, raw: Sequence[bytes | str], notes: str
-) -> Result:
-    pairs = [tuple(float(x) for x in item.split()) for item in raw]
-    if len(pairs) != jobs:
-        raise BenchError(f"{system}: expected {jobs} completion records, found {len(pairs)}")
-    enqueued = [p[0] for p in pairs]
-    done = [p[1] for p in pairs]
-    latencies = sorted((d - e) * 1000.0 for e, d in pairs)
-    seconds = max(done) - min(enqueued)
-    return Result(
-        system=system,
-        jobs=jobs,
-        concurrency=concurrency,
-        seconds=seconds,
-        jobs_per_s=jobs / seconds if seconds > 0 else 0.0,
-        p50_ms=_percentile(latencies, 0.50),
-        p95_ms=_percentile(latencies, 0.95),
-        p99_ms=_percentile(latencies, 0.99),
-        notes=notes,
-    )
-
-
-def delete_run_keys(redis_url: str, run_id: str) -> int:
-    """Delete every key whose name contains ``run_id`` (all keys a run creates do)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"*{run_id}*", count=1000))
-        deleted = 0
-        for i in range(0, len(keys), 500):
-            deleted += int(client.delete(*keys[i : i + 500]))
-        return deleted
-    finally:
-        client.close()
-
-
-def _proc_cpu_rss(pid: int | None) -> tuple[float, float]:
-    """(CPU seconds user+sys, RSS MB) of a live process from /proc; (nan, nan) if unreadable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (OSError, IndexError):
-        return math.nan, math.nan
-    cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    rss_kb = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:")), 0)
-    return cpu, rss_kb / 1024
-
-
-@dataclass(frozen=True)
-class _Measured:
-    raw: list[bytes | str]
-    enqueue_s: float
-    worker_cpu_s: float  # worker CPU between warm-up done and last completion
-    producer_cpu_s: float  # this process's CPU over the same window (enqueue + polling)
-    worker_rss_mb: float
-
-    def describe(self, jobs: int) -> str:
-        return (
-            f"enqueue phase {self.enqueue_s:.2f} s; worker CPU "
-            f"{self.worker_cpu_s * 1000 / jobs:.2f} ms/job, producer CPU "
-            f"{self.producer_cpu_s * 1000 / jobs:.2f} ms/job, worker RSS "
-            f"{self.worker_rss_mb:.0f} MB"
-        )
-
-
-def _cleanup(redis_url: str, run_id: str) -> None:
-    """delete_run_keys for a ``finally``: a Redis failure here must not mask the run's error."""
-    try:
-        delete_run_keys(redis_url, run_id)
-    except redis.RedisError as exc:
-        print(
-            f"warning: could not delete keys of {run_id} ({exc}); "
-            f"delete keys matching '*{run_id}*' by hand",
-            file=sys.stderr,
-        )
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:  # pragma: no cover - only if installed oddly
-        return "?"
-
-
-def _run_loop(coro: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:
-    if use_uvloop:
-        import uvloop
-
-        return uvloop.run(coro)
-    return asyncio.run(coro)
-
-
-# --------------------------------------------------------------------------- worker processes
-
-
-class _WorkerHandle(Protocol):
-    @property
-    def pid(self) -> int | None: ...
-    def alive(self) -> bool: ...
-    def stop(self) -> None: ...
-    def describe(self) -> str: ...
-
-
-class _SpawnedWorker:
-    """A worker in a multiprocessing 'spawn' child (saq, arq)."""
-
-    def __init__(self, target: Callable[..., None], args: tuple[Any, ...]) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._proc = ctx.Process(target=target, args=args, daemon=True)
-        self._proc.start()
+@dataclasses.dataclass(frozen=True)
+class Run:
+    redis_url: str
+    id: str  # in every key the run creates
+    concurrency: int
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid
+    def done_key(self) -> str:
+        return f"{self.id}:done"
 
-    def alive(self) -> bool:
-        return self._proc.is_alive()
+    @classmethod
+    def from_env(cls) -> Run:
+        url, run_id, concurrency = (os.environ[k] for k in _ENV)
+        return cls(url, run_id, int(concurrency))
 
-    def stop(self) -> None:
-        if self._proc.is_alive():
-            self._proc.terminate()  # SIGTERM: both saq and arq shut down cleanly on it
-            self._proc.join(STOP_GRACE_S)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
-
-    def describe(self) -> str:
-        return f"worker pid={self._proc.pid} exitcode={self._proc.exitcode}"
+    async def record(self, sink: aioredis.Redis, enqueued_at: float) -> None:
+        await sink.rpush(self.done_key, f"{enqueued_at!r} {time.time()!r}")
 
 
-class _SubprocessWorker:
-    """A worker started as a command (Celery's own CLI); its output goes to a temp file."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        # Lives as long as the worker; closed in stop(), so no context manager.
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def stop(self) -> None:
-        try:
-            if self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGTERM)  # Celery: warm shutdown
-                try:
-                    self._proc.wait(STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait(5)
-        finally:
-            self._log.close()
-
-    def describe(self) -> str:
-        tail = ""
-        if not self._log.closed:
-            self._log.seek(0)
-            tail = self._log.read().decode(errors="replace")[-2000:]
-        return f"worker pid={self._proc.pid} returncode={self._proc.poll()}; output tail:\n{tail}"
+Enqueue = Callable[[float], Awaitable[object]]  # None means the job was refused
 
 
-# --------------------------------------------------------------------------- producer harness
+@dataclasses.dataclass(frozen=True)
+class System:
+    name: str
+    dists: tuple[str, ...]  # for the versions in the notes
+    serve: Callable[[Run], None] | None  # worker process body; None: Celery's own CLI
+    connect: Callable[[Run], Awaitable[tuple[Enqueue, Callable[[], Awaitable[object]]]]]
+    notes: str  # formatted with the concurrency
 
 
-class _Producer(Protocol):
-    async def start(self) -> None: ...
-    async def enqueue(self, enqueued_at: float) -> None: ...
-    async def close(self) -> None: ...
+# --- saq ---------------------------------------------------------------------------------------
 
-
-async def _wait_for_records(
-    client: aioredis.Redis,
-    key: str,
-    count: int,
-    deadline: float,
-    worker: _WorkerHandle,
-    what: str,
-) -> None:
-    while True:
-        have = int(await client.llen(key))
-        if have >= count:
-            return
-        if not worker.alive():
-            raise BenchError(f"{what}: worker exited ({have}/{count} done); {worker.describe()}")
-        if time.monotonic() > deadline:
-            raise BenchError(
-                f"{what}: timed out with {have}/{count} jobs completed; {worker.describe()}"
-            )
-        await asyncio.sleep(POLL_S)
-
-
-async def _measure(
-    system: str,
-    jobs: int,
-    redis_url: str,
-    done_key: str,
-    producer: _Producer,
-    worker: _WorkerHandle,
-    timeout: float,
-) -> _Measured:
-    """Warm up, enqueue ``jobs`` jobs, wait for all records."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await producer.start()
-        # Ready = the worker has run one job end to end (and the producer is connected).
-        await producer.enqueue(time.time())
-        await _wait_for_records(
-            client, done_key, 1, time.monotonic() + READY_TIMEOUT_S, worker, f"{system} warm-up"
-        )
-        await client.delete(done_key)
-
-        deadline = time.monotonic() + timeout
-        worker_cpu0 = _proc_cpu_rss(worker.pid)[0]
-        producer_cpu0 = time.process_time()
-        t0 = time.time()
-        for i in range(jobs):
-            await producer.enqueue(time.time())
-            if i % 256 == 255 and time.monotonic() > deadline:
-                raise BenchError(f"{system}: timed out after {timeout:.0f} s while enqueueing")
-        enqueue_s = time.time() - t0
-        await _wait_for_records(client, done_key, jobs, deadline, worker, system)
-        producer_cpu = time.process_time() - producer_cpu0
-        worker_cpu1, worker_rss = _proc_cpu_rss(worker.pid)
-        return _Measured(
-            raw=list(await client.lrange(done_key, 0, -1)),
-            enqueue_s=enqueue_s,
-            worker_cpu_s=worker_cpu1 - worker_cpu0,
-            producer_cpu_s=producer_cpu,
-            worker_rss_mb=worker_rss,
-        )
-    finally:
-        try:
-            await producer.close()
-        finally:
-            await client.aclose()
-
-
-def _validate(jobs: int, concurrency: int) -> None:
-    if jobs < 1 or concurrency < 1:
-        raise ValueError("jobs and concurrency must be >= 1")
-
-
-# --------------------------------------------------------------------------- saq
-
-
-def _saq_worker_main(
-    redis_url: str, queue_name: str, done_key: str, concurrency: int, use_uvloop: bool
-) -> None:
-    """Child process: one saq Worker with ``concurrency`` slots; stops on SIGTERM."""
+def _saq_serve(run: Run) -> None:
     from saq import Queue, Worker
-    from saq.types import Context
 
-    # saq's stop() always warns that idle dequeue tasks "did not finish within the shutdown grace
-    # period" (default grace 0) before cancelling them; that is expected here, not a problem.
+    # saq's stop() warns that idle dequeue tasks outlived the (zero) grace period: expected here.
     logging.getLogger("saq").setLevel(logging.ERROR)
-    sink: dict[str, aioredis.Redis] = {}
+    sink = aioredis.Redis.from_url(run.redis_url)
 
-    async def startup(ctx: Context) -> None:
-        sink["r"] = aioredis.Redis.from_url(redis_url)
-
-    async def shutdown(ctx: Context) -> None:
-        await sink["r"].aclose()
-
-    async def noop(ctx: Context, *, enqueued_at: float) -> None:
-        await sink["r"].rpush(done_key, _record_value(enqueued_at))
+    async def noop(ctx: Any, *, enqueued_at: float) -> None:
+        await run.record(sink, enqueued_at)
 
     async def main() -> None:
-        queue = Queue.from_url(redis_url, name=queue_name)
-        worker = Worker(
-            queue,
-            functions=[("noop", noop)],
-            concurrency=concurrency,
-            startup=startup,
-            shutdown=shutdown,
-        )
-        try:
-            await queue.connect()
-            await worker.start()  # returns after SIGTERM/SIGINT
+        queue = Queue.from_url(run.redis_url, name=run.id)
+        await queue.connect()
+        try:  # start() returns after SIGTERM
+            await Worker(queue, functions=[("noop", noop)], concurrency=run.concurrency).start()
         finally:
             await queue.disconnect()
 
-    _run_loop(main(), use_uvloop)
+    asyncio.run(main())
 
 
-class _SaqProducer:
-    def __init__(self, redis_url: str, queue_name: str) -> None:
-        from saq import Queue
+async def _saq_connect(run: Run) -> tuple[Enqueue, Callable[[], Awaitable[object]]]:
+    from saq import Queue
 
-        self._queue = Queue.from_url(redis_url, name=queue_name)
-
-    async def start(self) -> None:
-        await self._queue.connect()
-
-    async def enqueue(self, enqueued_at: float) -> None:
-        if await self._queue.enqueue("noop", enqueued_at=enqueued_at) is None:
-            raise BenchError("saq: enqueue returned None (duplicate job key)")
-
-    async def close(self) -> None:
-        await self._queue.disconnect()
+    queue = Queue.from_url(run.redis_url, name=run.id)
+    await queue.connect()
+    return (lambda t: queue.enqueue("noop", enqueued_at=t)), queue.disconnect
 
 
-def run_saq(
-    jobs: int,
-    concurrency: int,
-    redis_url: str = DEFAULT_REDIS_URL,
-    *,
-    timeout: float | None = None,
-    use_uvloop: bool = False,
-) -> Result:
-    _validate(jobs, concurrency)
-    run_id = _new_run_id("saq")
-    done_key = f"{run_id}:done"
-    timeout = default_timeout(jobs) if timeout is None else timeout
-    worker: _WorkerHandle | None = None
-    try:
-        worker = _SpawnedWorker(
-            _saq_worker_main, (redis_url, run_id, done_key, concurrency, use_uvloop)
-        )
-        producer = _SaqProducer(redis_url, run_id)
-        measured: _Measured = _run_loop(
-            _measure("saq", jobs, redis_url, done_key, producer, worker, timeout), use_uvloop
-        )
-    finally:
-        if worker is not None:
-            worker.stop()
-        _cleanup(redis_url, run_id)
-    notes = (
-        f"saq {_version('saq')}; 1 spawned process, Worker(concurrency={concurrency}), "
-        f"{'uvloop' if use_uvloop else 'asyncio'} loop; producer: sequential "
-        "`await queue.enqueue('noop', enqueued_at=...)`; saq defaults otherwise; completion "
-        f"recorded in-task (RPUSH), no result polling; {measured.describe(jobs)}"
-    )
-    return _summarize("saq", jobs, concurrency, measured.raw, notes)
+# --- arq ---------------------------------------------------------------------------------------
 
-
-# --------------------------------------------------------------------------- arq
-
-
-def _arq_worker_main(
-    redis_url: str, queue_name: str, done_key: str, concurrency: int, use_uvloop: bool
-) -> None:
-    """Child process: one arq Worker with ``max_jobs=concurrency``; stops on SIGTERM."""
+def _arq_serve(run: Run) -> None:
     from arq.connections import RedisSettings
     from arq.worker import Worker, func
 
-    sink: dict[str, aioredis.Redis] = {}
+    sink = aioredis.Redis.from_url(run.redis_url)
 
-    async def startup(ctx: dict[Any, Any]) -> None:
-        sink["r"] = aioredis.Redis.from_url(redis_url)
+    async def noop(ctx: Any, enqueued_at: float) -> None:
+        await run.record(sink, enqueued_at)
 
-    async def shutdown(ctx: dict[Any, Any]) -> None:
-        await sink["r"].aclose()
-
-    async def noop(ctx: dict[Any, Any], enqueued_at: float) -> None:
-        await sink["r"].rpush(done_key, _record_value(enqueued_at))
-
-    if use_uvloop:
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)  # arq's Worker binds to the current loop in __init__
-    worker = Worker(
-        functions=[func(noop, name="noop")],
-        queue_name=queue_name,
-        redis_settings=RedisSettings.from_dsn(redis_url),
-        max_jobs=concurrency,
-        on_startup=startup,
-        on_shutdown=shutdown,
-    )
+    asyncio.set_event_loop(loop := asyncio.new_event_loop())  # arq binds to it in __init__
     try:
-        worker.run()  # SIGTERM -> handle_sig cancels the main task -> close()
+        Worker(functions=[func(noop, name="noop")], queue_name=f"arq:queue:{run.id}",
+               redis_settings=RedisSettings.from_dsn(run.redis_url),
+               max_jobs=run.concurrency).run()
     except asyncio.CancelledError:
-        # handle_sig also cancels jobs still in their post-processing (result write) and close()
-        # then re-raises that cancellation; it is the expected end of a SIGTERM'd arq worker.
-        pass
+        pass  # arq re-raises the cancellation of its SIGTERM handler: the expected end
     finally:
         loop.close()
 
 
-class _ArqProducer:
-    def __init__(self, redis_url: str, queue_name: str, run_id: str) -> None:
-        self._redis_url = redis_url
-        self._queue_name = queue_name
-        self._run_id = run_id
-        self._n = 0
-        self._pool: Any = None
+async def _arq_connect(run: Run) -> tuple[Enqueue, Callable[[], Awaitable[object]]]:
+    from arq import create_pool
+    from arq.connections import RedisSettings
 
-    async def start(self) -> None:
-        from arq import create_pool
-        from arq.connections import RedisSettings
-
-        self._pool = await create_pool(
-            RedisSettings.from_dsn(self._redis_url), default_queue_name=self._queue_name
-        )
-
-    async def enqueue(self, enqueued_at: float) -> None:
-        self._n += 1
-        # _job_id (documented enqueue_job option) only namespaces keys for cleanup; arq's
-        # default is uuid4().hex, and the uniqueness check it does is the same either way.
-        job = await self._pool.enqueue_job("noop", enqueued_at, _job_id=f"{self._run_id}:{self._n}")
-        if job is None:
-            raise BenchError("arq: enqueue_job returned None (duplicate job id)")
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.aclose()
+    pool = await create_pool(RedisSettings.from_dsn(run.redis_url),
+                             default_queue_name=f"arq:queue:{run.id}")
+    # _job_id (a documented option) only puts the run id in the keys, for cleanup.
+    return (lambda t: pool.enqueue_job("noop", t, _job_id=f"{run.id}:{uuid.uuid4().hex}"),
+            pool.aclose)
 
 
-def run_arq(
-    jobs: int,
-    concurrency: int,
-    redis_url: str = DEFAULT_REDIS_URL,
-    *,
-    timeout: float | None = None,
-    use_uvloop: bool = False,
-) -> Result:
-    _validate(jobs, concurrency)
-    run_id = _new_run_id("arq")
-    queue_name = f"arq:queue:{run_id}"
-    done_key = f"{run_id}:done"
-    timeout = default_timeout(jobs) if timeout is None else timeout
-    worker: _WorkerHandle | None = None
-    try:
-        worker = _SpawnedWorker(
-            _arq_worker_main, (redis_url, queue_name, done_key, concurrency, use_uvloop)
-        )
-        producer = _ArqProducer(redis_url, queue_name, run_id)
-        measured: _Measured = _run_loop(
-            _measure("arq", jobs, redis_url, done_key, producer, worker, timeout), use_uvloop
-        )
-    finally:
-        if worker is not None:
-            worker.stop()
-        _cleanup(redis_url, run_id)
-    notes = (
-        f"arq {_version('arq')}; 1 spawned process, Worker(max_jobs={concurrency}), "
-        f"{'uvloop' if use_uvloop else 'asyncio'} loop; producer: sequential "
-        "`await pool.enqueue_job('noop', t, _job_id=...)`; arq defaults otherwise "
-        "(poll_delay=0.5 s, queue_read_limit=max(5*max_jobs,100), keep_result=3600 s so results "
-        f"are stored); completion recorded in-task (RPUSH); {measured.describe(jobs)}"
-    )
-    return _summarize("arq", jobs, concurrency, measured.raw, notes)
+# --- Celery ------------------------------------------------------------------------------------
+
+_celery_app: Any = None
 
 
-# --------------------------------------------------------------------------- celery
-
-_CELERY_ENV = ("BENCH_CELERY_REDIS_URL", "BENCH_CELERY_PREFIX", "BENCH_CELERY_DONE_KEY")
-_celery_app_cache: Any = None
-
-
-def build_celery_app(redis_url: str, key_prefix: str, done_key: str) -> tuple[Any, Any]:
-    """The Celery app and its ``noop`` task (same definition in producer and worker).
-
-    Redis broker, no result backend, ``task_acks_late=True``; every broker key is prefixed with
-    ``key_prefix`` (kombu's documented ``global_keyprefix`` transport option) for cleanup.
-    """
+def build_celery_app(run: Run) -> tuple[Any, Any]:
+    """The app and its ``noop`` task (same in producer and worker): Redis broker, no result
+    backend, ``task_acks_late``; kombu's ``global_keyprefix`` puts the run id in every key."""
     from celery import Celery
 
-    app = Celery("safeurl_bench", broker=redis_url, set_as_current=False)
-    app.conf.update(
-        task_acks_late=True,
-        broker_transport_options={"global_keyprefix": key_prefix},
-        # Same behaviour as the 5.x default; set only to silence its deprecation warning.
-        broker_connection_retry_on_startup=True,
-    )
-    sink = redis.Redis.from_url(redis_url)
+    app = Celery("safeurl_bench", broker=run.redis_url, set_as_current=False)
+    app.conf.update(task_acks_late=True,
+                    broker_transport_options={"global_keyprefix": f"{run.id}:"},
+                    broker_connection_retry_on_startup=True)  # the default; silences a warning
+    sink = redis.Redis.from_url(run.redis_url)
 
     @app.task(name="bench.noop")  # type: ignore[untyped-decorator]  # celery ships no types
     def noop(enqueued_at: float) -> None:
-        sink.rpush(done_key, _record_value(enqueued_at))
+        sink.rpush(run.done_key, f"{enqueued_at!r} {time.time()!r}")
 
     return app, noop
 
 
 def __getattr__(name: str) -> Any:
     """``celery -A bench.competitors:celery_app`` builds the worker's app from the environment."""
-    global _celery_app_cache
-    if name == "celery_app":
-        if _celery_app_cache is None:
-            url, prefix, done_key = (os.environ[k] for k in _CELERY_ENV)
-            _celery_app_cache = build_celery_app(url, prefix, done_key)[0]
-        return _celery_app_cache
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global _celery_app
+    if name != "celery_app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _celery_app is None:
+        _celery_app = build_celery_app(Run.from_env())[0]
+    return _celery_app
 
 
-class _CeleryProducer:
-    def __init__(self, redis_url: str, key_prefix: str, done_key: str) -> None:
-        self._app, self._noop = build_celery_app(redis_url, key_prefix, done_key)
+async def _celery_connect(run: Run) -> tuple[Enqueue, Callable[[], Awaitable[object]]]:
+    app, noop = build_celery_app(run)
 
-    async def start(self) -> None:
-        return None
+    async def enqueue(t: float) -> object:
+        return noop.delay(t)  # a blocking publish; nothing else runs on this loop
 
-    async def enqueue(self, enqueued_at: float) -> None:
-        self._noop.delay(enqueued_at)  # blocking publish; nothing else runs on this loop
+    async def close() -> None:
+        app.close()
 
-    async def close(self) -> None:
-        self._app.close()
+    return enqueue, close
 
 
-def run_celery(
-    jobs: int,
-    concurrency: int,
-    redis_url: str = DEFAULT_REDIS_URL,
-    *,
-    timeout: float | None = None,
-    pool: str = DEFAULT_CELERY_POOL,
-) -> Result:
-    _validate(jobs, concurrency)
-    if pool not in CELERY_POOLS:
-        raise ValueError(f"pool must be one of {CELERY_POOLS}")
-    run_id = _new_run_id("celery")
-    key_prefix = f"{run_id}:"
-    done_key = f"{run_id}:done"
-    timeout = default_timeout(jobs) if timeout is None else timeout
-    env = dict(os.environ)
-    env.update(zip(_CELERY_ENV, (redis_url, key_prefix, done_key), strict=True))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
-    argv = [
-        sys.executable, "-m", "celery", "-A", "bench.competitors:celery_app", "worker",
-        f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=WARNING",
-        "--hostname", f"{run_id}@%h",
-    ]  # fmt: skip
-    worker: _WorkerHandle | None = None
+SYSTEMS = {s.name: s for s in (
+    System("saq", ("saq",), _saq_serve, _saq_connect,
+           "1 process, Worker(concurrency={c}), asyncio loop; sequential "
+           "`await queue.enqueue('noop', enqueued_at=t)`; defaults otherwise"),
+    System("arq", ("arq",), _arq_serve, _arq_connect,
+           "1 process, Worker(max_jobs={c}), asyncio loop; sequential "
+           "`await pool.enqueue_job('noop', t)`; defaults otherwise (poll_delay 0.5 s, results "
+           "kept 3600 s)"),
+    System("celery", ("celery", "kombu"), None, _celery_connect,
+           "1 process, --pool=threads --concurrency={c}; task_acks_late=True, defaults otherwise "
+           "(prefetch multiplier 4, gossip/mingle/heartbeat on), no result backend; sequential "
+           "`noop.delay(t)`"),
+)}
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+def _worker_argv(system: System, run: Run) -> list[str]:
+    if system.serve is None:
+        return [sys.executable, "-m", "celery", "-A", "bench.competitors:celery_app", "worker",
+                "--pool=threads", f"--concurrency={run.concurrency}", "--loglevel=WARNING",
+                "--hostname", f"{run.id}@%h"]
+    return [sys.executable, "-m", "bench.competitors", system.name]
+
+
+async def _wait_records(client: aioredis.Redis, run: Run, n: int, deadline: float,
+                        worker: subprocess.Popen[bytes], what: str) -> None:
+    while (have := int(await client.llen(run.done_key))) < n:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"{what}: {have}/{n} done, worker "
+                             f"{'exited' if worker.poll() is not None else 'timed out'}; "
+                             f"see /tmp/{run.id}.log")
+        await asyncio.sleep(0.005)
+
+
+async def _measure(system: System, run: Run, jobs: int, worker: subprocess.Popen[bytes],
+                   timeout: float) -> Result:
+    client = aioredis.Redis.from_url(run.redis_url)
+    enqueue, close = await system.connect(run)
     try:
-        worker = _SubprocessWorker(argv, env)
-        producer = _CeleryProducer(redis_url, key_prefix, done_key)
-        measured: _Measured = _run_loop(
-            _measure("celery", jobs, redis_url, done_key, producer, worker, timeout), False
-        )
+        await enqueue(time.time())  # ready = one job ran end to end, the producer is connected
+        await _wait_records(client, run, 1, time.monotonic() + 60, worker, f"{system.name} warm-up")
+        await client.delete(run.done_key)
+        deadline = time.monotonic() + timeout
+        cpu0 = (read_proc(worker.pid) or _GONE).cpu_s
+        for _ in range(jobs):
+            if await enqueue(time.time()) is None:
+                raise BenchError(f"{system.name}: enqueue refused a job (duplicate id)")
+        await _wait_records(client, run, jobs, deadline, worker, system.name)
+        proc = read_proc(worker.pid) or _GONE
+        records = await client.lrange(run.done_key, 0, -1)
+        pairs = [[float(x) for x in rec.split()] for rec in records]
     finally:
-        if worker is not None:
-            worker.stop()
-        _cleanup(redis_url, run_id)
-    notes = (
-        f"celery {_version('celery')} / kombu {_version('kombu')}; 1 worker process, "
-        f"--pool={pool} --concurrency={concurrency}; task_acks_late=True, other settings default "
-        "(prefetch multiplier 4, gossip/mingle/heartbeat on); no result backend - completion "
-        "recorded in-task (RPUSH); producer: sequential `noop.delay(t)`; "
-        f"{measured.describe(jobs)}"
-    )
-    return _summarize("celery", jobs, concurrency, measured.raw, notes)
+        await close()
+        await client.aclose()
+    versions = ", ".join(f"{d} {metadata.version(d)}" for d in system.dists)
+    return Result.of(system.name, run.concurrency, [(d - e) * 1000 for e, d in pairs],
+                     max(d for _, d in pairs) - min(e for e, _ in pairs), proc.rss_mb,
+                     proc.cpu_s - cpu0,
+                     f"{versions}; {system.notes.format(c=run.concurrency)}; completion recorded "
+                     "in-task (RPUSH), no result polling")
 
 
-# --------------------------------------------------------------------------- CLI
+_GONE = Proc("gone", "", float("nan"), float("nan"))  # the worker died: figures are NaN
 
 
-def run_system(
-    system: str,
-    jobs: int,
-    concurrency: int,
-    redis_url: str = DEFAULT_REDIS_URL,
-    *,
-    timeout: float | None = None,
-    celery_pool: str = DEFAULT_CELERY_POOL,
-    use_uvloop: bool = False,
-) -> Result:
-    if system == "saq":
-        return run_saq(jobs, concurrency, redis_url, timeout=timeout, use_uvloop=use_uvloop)
-    if system == "arq":
-        return run_arq(jobs, concurrency, redis_url, timeout=timeout, use_uvloop=use_uvloop)
-    if system == "celery":
-        return run_celery(jobs, concurrency, redis_url, timeout=timeout, pool=celery_pool)
-    raise ValueError(f"unknown system {system!r}; expected one of {SYSTEMS}")
+def run_system(name: str, jobs: int, concurrency: int, redis_url: str = DEFAULT_REDIS_URL,
+               timeout: float | None = None, run_id: str | None = None) -> Result:
+    """One run of a system; every key it creates has `run_id` (default: a new one) in its name
+    and is deleted at the end."""
+    if jobs < 1 or concurrency < 1:
+        raise ValueError("jobs and concurrency must be >= 1")
+    system = SYSTEMS[name]
+    run = Run(redis_url, run_id or f"bench-{name}-{uuid.uuid4().hex[:12]}", concurrency)
+    # spawn() starts it in the repository root: `bench.competitors` imports from there.
+    env = {**os.environ, **dict(zip(_ENV, (redis_url, run.id, str(concurrency)), strict=True))}
+    worker = spawn(_worker_argv(system, run), env, Path(f"/tmp/{run.id}.log"))
+    try:
+        return asyncio.run(_measure(system, run, jobs, worker,
+                                    timeout or min(300.0, max(30.0, jobs / 50))))
+    finally:
+        stop([worker])
+        _delete_keys(run)
 
 
-def format_result(r: Result) -> str:
-    return (
-        f"{r.system:<7} jobs={r.jobs} concurrency={r.concurrency} "
-        f"{r.jobs_per_s:9.1f} jobs/s  p50={r.p50_ms:.1f} ms  p95={r.p95_ms:.1f} ms  "
-        f"p99={r.p99_ms:.1f} ms  ({r.seconds:.2f} s)"
-    )
+def _delete_keys(run: Run) -> None:
+    """Every key with the run id in its name (only this run's keys); a Redis failure here must
+    not mask the run's own error."""
+    client = redis.Redis.from_url(run.redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"*{run.id}*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+    except redis.RedisError as exc:
+        print(f"warning: delete keys matching '*{run.id}*' by hand ({exc})", file=sys.stderr)
+    finally:
+        client.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.competitors",
-        description="No-op throughput/latency of saq, arq and Celery (one worker process each).",
-    )
-    parser.add_argument("--system", choices=[*SYSTEMS, "all"], default="all")
-    parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL))
-    parser.add_argument("--celery-pool", choices=CELERY_POOLS, default=DEFAULT_CELERY_POOL)
-    parser.add_argument(
-        "--uvloop", action="store_true", help="run saq/arq worker and producer on uvloop"
-    )
-    parser.add_argument("--notes", action="store_true", help="also print each result's notes")
-    args = parser.parse_args(argv)
-
-    systems = SYSTEMS if args.system == "all" else (args.system,)
-    for system in systems:
-        result = run_system(
-            system,
-            args.jobs,
-            args.concurrency,
-            args.redis_url,
-            celery_pool=args.celery_pool,
-            use_uvloop=args.uvloop,
-        )
-        print(format_result(result), flush=True)
-        if args.notes:
-            print(f"        notes: {result.notes}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m bench.competitors saq|arq`: a worker process
+    if (serve := SYSTEMS[sys.argv[1]].serve) is not None:
+        serve(Run.from_env())
