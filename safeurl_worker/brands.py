@@ -70,7 +70,9 @@ class Brand(BaseModel):
     `owner`: the organisation behind it - brands with one owner (AOL and Yahoo, Instagram and
     Facebook) are one organisation, so one's page may use the other's name and assets;
     `software`: a product installed on other people's domains (Roundcube, cPanel), so its name
-    on a foreign domain is normal - only look-alike hosts of its own domains count."""
+    on a foreign domain is normal - only look-alike hosts of its own domains count;
+    `user_content`: host names under its domains where anyone publishes (sharepoint.com,
+    sites.google.com): a page there is its author's, not the brand's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,6 +85,8 @@ class Brand(BaseModel):
     ambiguous: bool = False
     owner: BrandId | None = None
     software: bool = False
+    user_content: Annotated[list[Annotated[str, StringConstraints(
+        pattern=r"^[a-z0-9-]+(\.[a-z0-9-]+)+$")]], Field(max_length=64)] = []
 
     @field_validator("domains", "assets")
     @classmethod
@@ -281,6 +285,7 @@ class Catalogue:
             org: frozenset(s) for org, s in sites.items()}
         self._org_zones: Mapping[str, frozenset[str]] = {
             org: frozenset(z) for org, z in zones.items()}
+        self._user_content = tuple(sorted({h for b in self.brands for h in b.user_content}))
         self._by_name: dict[str, list[Brand]] = {}
         # Every word of every brand name: a word of page text whose Latin look-alike is one of
         # these is read as that word (PayPal with a Cyrillic P); other words are left alone.
@@ -318,7 +323,11 @@ class Catalogue:
     def owners(self, host: str) -> list[Brand]:
         """Brands whose domains or asset domains the host's site is (not a government zone:
         a state's site under gov.br is not the federal tax office's asset)."""
-        return self._owners.get(registrable_domain(host), [])
+        return [] if self.user_content(host) else self._owners.get(registrable_domain(host), [])
+
+    def user_content(self, host: str) -> bool:
+        """The host is where a brand lets anyone publish (a SharePoint tenant, a Google Site)."""
+        return any(_under(host, h) for h in self._user_content)
 
     def _zoned(self, host: str) -> bool:
         """The host is under a government's suffix of the catalogue (gov.uk)."""
@@ -329,6 +338,8 @@ class Catalogue:
         suffix (gov.uk) owns every name under it: only the government registers there. A
         platform's suffix (github.io, myshopify.com) owns nothing: anyone may get a name there."""
         org = brand.organisation
+        if self.user_content(host):
+            return False
         if registrable_domain(host) in self._org_sites.get(org, frozenset()):
             return True
         return any(_under(host, zone) for zone in self._org_zones.get(org, frozenset()))
@@ -528,8 +539,8 @@ class Catalogue:
         host = host_of(url)
         if not host or ":" in host or not any(c.isalpha() for c in host):
             return None
-        if self.owners(host) or self._zoned(host):
-            return None
+        if self.owners(host) or self._zoned(host) or self.user_content(host):
+            return None  # the brand's (or a government's) name, or its users' space: not a copy
         site = registrable_domain(host)
         checks = (self._domain_in_host(host, site), self._token_in_domain(host, site),
                   self._similar(site), self._domain_in_path(url))

@@ -329,3 +329,19 @@ def test_a_decoy_site_name_does_not_hide_a_kit(cat: Catalogue) -> None:
                forms=[Form(action="https://kit.example.net/p", method="post", has_password=True,
                            has_email=True)])
     assert claimed(cat, kit) == ["paypal"]
+
+
+def test_a_brands_user_content_hosts_are_not_the_brand(cat: Catalogue) -> None:
+    """A Microsoft sign-in clone on an attacker's SharePoint site, or a Google one on a Google
+    Site, is impersonation; the brand's own sign-in hosts are still its own."""
+    microsoft = next(b for b in cat.brands if b.id == "microsoft")
+    assert cat.owns(microsoft, "login.microsoftonline.com")
+    assert not cat.owns(microsoft, "contoso-my.sharepoint.com")
+    assert cat.lookalike("https://contoso-my.sharepoint.com/") is None  # not a look-alike host
+    for url, title in (("https://contoso-my.sharepoint.com/sites/x/", "Sign in to your account"
+                        " - Microsoft 365"),
+                       ("https://sites.google.com/view/x", "Sign in - Google Accounts")):
+        clone = page(url, title=title, forms=[Form(action="https://collect.example/p",
+                                                   method="post", has_password=True)])
+        names = {s.name for s in analyze(url, clone).signals}
+        assert "brand_impersonation" in names, url
