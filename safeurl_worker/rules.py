@@ -246,8 +246,8 @@ def mixed_script_host(ctx: Context) -> list[Signal]:
     return []
 
 
-@rule("userinfo_in_url", 25, "The URL carries user:pass@ (or an @) in its authority, which "
-      "hides the real host.", url_level=True)
+@rule("userinfo_in_url", 25, "The URL carries a user name or password (user:pass@, user@) in "
+      "its authority, which hides the real host.", url_level=True)
 def userinfo_in_url(ctx: Context) -> list[Signal]:
     """http://paypal.com@evil.example/ shows a trusted name while going elsewhere."""
     try:  # the browser's split: `http://a.example\\@b.example/` has no userinfo (host a.example)

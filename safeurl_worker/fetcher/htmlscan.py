@@ -531,22 +531,21 @@ class _Extractor:
     def _buttons(self) -> None:
         query = ("button, input[type=submit], input[type=button], input[type=image], "
                  "input[type=reset], [role=button]")
-        nodes = self._all(query)
-        for i, node in enumerate(nodes):
-            if self.page.full("buttons", self.page.buttons, MAX_BUTTONS, len(nodes) - i):
-                break
-            text = _button_text(node)
-            if text:
-                self.page.buttons.append(text)
+        self._texts("buttons", self.page.buttons, MAX_BUTTONS, self._all(query), _button_text)
 
     def _headings(self) -> None:
-        nodes = self._all("h1, h2, h3")
+        self._texts("headings", self.page.headings, MAX_HEADINGS, self._all("h1, h2, h3"),
+                    short_text)
+
+    def _texts(self, name: str, items: list[str], limit: int, nodes: list[LexborNode],
+               read: Callable[[LexborNode], str]) -> None:
+        """The non-empty text of each node, in page order, up to `limit` (the rest counted)."""
         for i, node in enumerate(nodes):
-            if self.page.full("headings", self.page.headings, MAX_HEADINGS, len(nodes) - i):
+            if self.page.full(name, items, limit, len(nodes) - i):
                 break
-            text = short_text(node)
+            text = read(node)
             if text:
-                self.page.headings.append(text)
+                items.append(text)
 
     def _iframes(self) -> None:
         nodes = self._all("iframe, frame")
