@@ -33,6 +33,11 @@ _REDIS_TRANSIENT_PREFIXES = ("READONLY", "LOADING", "OOM", "MISCONF", "MASTERDOW
 # uvloop raises a bare RuntimeError, not a ConnectionError, when a client writes to a connection
 # the server has just closed (MagicStack/uvloop#506): a lost connection all the same.
 _UVLOOP_CLOSED = "the handler is closed"
+# asyncpg can hand out a pooled connection whose session the server has just terminated (an
+# operator, a failover, `pg_terminate_backend`) before it has noticed the close: the next call
+# fails in the client, before anything is sent, with "cannot switch to state N; another
+# operation (M) is in progress" (MagicStack/asyncpg#1069). A lost connection all the same.
+_ASYNCPG_STALE = "another operation"
 
 
 class DependencyDown(Exception):
@@ -56,6 +61,8 @@ def is_transient(exc: BaseException) -> bool:
         return str(exc).upper().startswith(_REDIS_TRANSIENT_PREFIXES)
     if isinstance(exc, asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
         return True  # includes "connection was closed in the middle of operation"
+    if isinstance(exc, asyncpg.InternalClientError) and _ASYNCPG_STALE in str(exc):
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
         return state[:2] in _PG_TRANSIENT_CLASSES or state in _PG_TRANSIENT_STATES

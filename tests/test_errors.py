@@ -1,4 +1,6 @@
-"""Which errors are a dependency's (wait and retry) and which are the job's or a bug's: pure."""
+"""Which errors are a dependency's (wait and retry) and which are the job's or a bug's.
+
+Pure, except one test that terminates real PostgreSQL sessions under a busy pool."""
 
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ from safeurl_worker.errors import (
     is_transient,
     retrying,
 )
+from safeurl_worker.models import State
+from safeurl_worker.store import Store, create_pool
+
+from .conftest import ADMIN_DSN
 
 
 @pytest.mark.parametrize("reply", ["READONLY You can't write against a read only replica.",
@@ -123,3 +129,42 @@ def test_a_write_to_a_connection_the_server_closed_under_uvloop_is_transient() -
     exc = uvloop.run(write_after_close())
     assert isinstance(exc, RuntimeError) and is_transient(exc)
     assert not is_transient(RuntimeError("some other bug"))
+
+
+async def test_every_error_of_a_terminated_session_is_transient(database: str) -> None:
+    """Sessions terminated under a busy pool (what a failover or an operator does): whatever
+    the client raises for it must be waited out, never count against a job. asyncpg sometimes
+    reports a connection the server just closed as an InternalClientError (see errors.py)."""
+    pool = await create_pool(database, 6)
+    store = Store(pool)
+    unexpected: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def hammer() -> None:
+        while not stop.is_set():
+            try:
+                job = await store.get_job(await store.insert_job("http://a.test/"))
+                assert job is not None
+                await store.transition(job, State.FETCHING, worker_id="w", owner_token="t",
+                                       detail={})
+            except Exception as exc:
+                if not is_transient(exc):
+                    unexpected.append(exc)
+                await asyncio.sleep(0.005)
+
+    tasks = [asyncio.create_task(hammer()) for _ in range(10)]
+    try:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            for _ in range(25):
+                await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                                    database.rsplit("/", 1)[1])
+                await asyncio.sleep(0.1)
+        finally:
+            await admin.close()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await pool.close()
+    assert not unexpected, [f"{type(e).__name__}: {e}" for e in unexpected[:5]]
