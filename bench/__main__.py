@@ -5,6 +5,7 @@
   3. recovery: SIGKILL a replica holding jobs, time until each job runs again elsewhere
   4. footprint: worker RSS and CPU per job at concurrency 50 (from part 1)
   5. scale-out: 1, 2 and 4 replicas on the no-op path, with the CPU split by process
+  6. latency: submit -> terminal of one scan on an idle worker vs `docker run --rm` (latency.py)
 Every part runs its systems in alternating rounds (A B C A B C ...) and prints each figure, and
 each ratio (computed within a round), as `median (min-max)` over the rounds. Writes every round
 to docs/bench/results.json and the medians with their ranges to docs/bench/results.png.
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from . import competitors
+from . import competitors, latency
 from .harness import alternate, cpu_by_role, percentile, ratios, show, spawn, summarize
 from .ours import enqueue, run_ours, running, start_worker, wait_completed
 
@@ -206,6 +207,25 @@ def part5(a: argparse.Namespace) -> dict[str, Any]:
         n: functools.partial(scale_out, a, int(n)) for n in a.replicas.split(",")})}
 
 
+# --- part 6 ---------------------------------------------------------------------------------
+
+def part6(a: argparse.Namespace) -> dict[str, Any]:
+    host = TestHost.start()
+    try:
+        args = (host.network, host.subnet, FETCHER_IMAGE, a.latency_scans)
+        res = _rounds(a.rounds, {
+            "worker": functools.partial(_sync, latency.worker_latency, *args, a.redis_url),
+            "docker_run": functools.partial(latency.docker_run_latency, *args),
+            **{mode: functools.partial(_sync, latency.worker_latency, *args, a.redis_url, mode)
+               for mode in ("worker_started", "worker_cold")}})
+    finally:
+        host.stop()
+    # Each of our modes against `docker run --rm`, per round (the target is worker <= 0.75x).
+    return {"scans": a.latency_scans, "pause_s": latency.PAUSE_S, **res,
+            "ratio": {m: ratios(res["rounds"], m, "p50_ms")["docker_run"]
+                      for m in res["summary"] if m != "docker_run"}}
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def table(res: dict[str, Any]) -> str:
@@ -244,6 +264,15 @@ def table(res: dict[str, Any]) -> str:
         for n, s in p["summary"].items():
             lines.append(f"{n:>36}  {show(s['jobs_per_s']):<{w}} " + " / ".join(
                 show(s[f"cores_{k}"], ".2f") for k in ("worker", "postgres", "redis", "producer")))
+    if p := res.get("part6"):
+        lines += [f"6. latency submit -> terminal, idle worker, {p['scans']} sequential scans x "
+                  f"{len(p['rounds'])} rounds: median (min-max)",
+                  "   " + "".join(f"{h:<{w}} " for h in ("system", "p50 ms", "p99 ms",
+                                                       "p50 / docker run"))]
+        for name, s in p["summary"].items():
+            ratio = show(p["ratio"][name], ".2f") if name in p["ratio"] else "-"
+            lines.append("   " + "".join(f"{c:<{w}} " for c in (
+                name, show(s["p50_ms"]), show(s["p99_ms"]), ratio)))
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -266,12 +295,15 @@ def chart(res: dict[str, Any], path: Path) -> None:
     if p := res.get("part5"):
         panels.append(("scale-out: no-op jobs/s by replicas", list(p["summary"]),
                        {"": [s["jobs_per_s"] for s in p["summary"].values()]}))
+    if p := res.get("part6"):
+        panels.append(("latency: p50 ms, submit -> terminal", list(p["summary"]),
+                       {"": [s["p50_ms"] for s in p["summary"].values()]}))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, xs, series) in zip(axes[0], panels, strict=True):
         for label, ss in series.items():
             ys = [s["median"] for s in ss]
             err = [[s["median"] - s["min"] for s in ss], [s["max"] - s["median"] for s in ss]]
-            if title.startswith("no-op"):
+            if title.startswith(("no-op", "latency")):
                 ax.bar(xs, ys, yerr=err, capsize=4,
                        color=["tab:green"] + ["tab:gray"] * (len(xs) - 1))
             else:
@@ -293,8 +325,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=50, help="part 1 and 5 concurrency")
     ap.add_argument("--scans", type=int, default=200, help="part 2 scans per level")
     ap.add_argument("--container-concurrency", default="1,4,8")
+    ap.add_argument("--latency-scans", type=int, default=20, help="part 6 scans per round")
     ap.add_argument("--replicas", default="1,2,4")
-    ap.add_argument("--parts", default="1,2,3,5")
+    ap.add_argument("--parts", default="1,2,3,5,6")
     ap.add_argument("--systems", default="saq,arq,celery")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
@@ -310,7 +343,7 @@ def main() -> None:
         # Parts written before the rounds existed have no spread to show: not merged.
         res = {**{k: v for k, v in old.items() if not k.startswith("part")
                   or "summary" in v or "levels" in v}, **res}
-    for part, run in (("1", part1), ("2", part2), ("3", part3), ("5", part5)):
+    for part, run in (("1", part1), ("2", part2), ("3", part3), ("5", part5), ("6", part6)):
         if part in a.parts.split(","):
             res[f"part{part}"] = run(a)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -1,25 +1,25 @@
 """The `safeurl-worker` command.
 
   safeurl-worker run                 run the worker (SIGTERM/SIGINT: graceful; a second: at once)
+  safeurl-worker api                 the HTTP API and the callback deliverer (docs/api.md)
   safeurl-worker migrate             create or update the schema (idempotent)
   safeurl-worker submit URL [--wait] insert a QUEUED job and XADD its id, as the API service does
   safeurl-worker status [JOB_ID]     fleet status table (or --json); one job as JSON
   safeurl-worker check               verify the delivery invariants
   safeurl-worker retry ...           re-queue FAILED/TIMED_OUT jobs
   safeurl-worker dlq list|replay|purge   the dead-letter stream
+  safeurl-worker prune --older-than 30d  delete finished jobs (results, audit, callbacks)
+  safeurl-worker token NAME --scopes ... a new API token and its API_TOKENS entry
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import logging
-import os
-import signal
+import secrets
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -29,224 +29,44 @@ import orjson
 import redis.exceptions
 import uvloop
 
-from . import __version__, brands, ops, urls
-from .blocklist import Blocklist
+from . import __version__, brands, ops
+from .api.config import SCOPES, hash_token, load_api_settings
 from .config import ConfigError, Settings, load_settings
-from .consumer import Consumer, connect
-from .errors import backoff, is_transient, pause
 from .intake import DuplicateWorkerId
-from .janitor import Janitor
-from .metrics import HealthServer, Metrics
-from .runner import LABEL_JOB, ContainerRunner, Runner
-from .store import Store, create_pool
-from .worker import Worker
+from .logs import setup_logging
+from .runner import LABEL_JOB, job_of_container
+from .store import Store, Submission
+from .wiring import (
+    consumer_for,
+    install_signals,
+    ops_consumer,
+    redis_for,
+    run_worker,
+    store_for,
+    wired_worker,
+)
 
-log = logging.getLogger("safeurl")
-_STD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; `extra=` fields become top-level keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
-        }
-        out.update({k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STD_ATTRS)
-        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.getMessage()}"
-        text = f"{base}  {extra}" if extra else base
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
-
-
-# --- wiring -------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def _store(settings: Settings, size: int = 2, warm: bool = False) -> AsyncIterator[Store]:
-    # warm: open every connection now rather than on the first busy second.
-    pool = await create_pool(settings.database_url, size, min_size=size if warm else 1)
-    try:
-        yield Store(pool)
-    finally:
-        await pool.close()
-
-
-@contextlib.asynccontextmanager
-async def _redis(settings: Settings) -> AsyncIterator[Any]:
-    client = connect(settings.redis_dsn)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-def _consumer(settings: Settings) -> Consumer:
-    return Consumer(connect(settings.redis_dsn, settings.read_block_ms), settings.scan_stream,
-                    settings.scan_group, settings.worker_id, settings.dead_letter_stream,
-                    settings.dead_letter_maxlen)
-
-
-class StoppedDuringStartup(Exception):
-    """SIGTERM arrived while we were still waiting for a dependency."""
-
-
-async def _connect_store(settings: Settings, stopping: asyncio.Event,
-                         status: dict[str, str]) -> Store:
-    """Open the PostgreSQL pool, waiting with backoff while the server is down or restarting:
-    a dependency that blinks at start-up must not end the process. /readyz says why."""
-    attempt = 0
-    while True:
-        try:
-            # One connection per concurrent job plus the loops: no job waits for a connection.
-            size = settings.worker_concurrency + 3
-            return Store(await create_pool(settings.database_url, size, min_size=size))
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            attempt += 1
-            status["postgres"] = f"connecting: {type(exc).__name__}: {exc}"[:200]
-            log.warning("waiting for postgres", extra={"error": status["postgres"]})
-            await pause(stopping, backoff(attempt, base=0.5, cap=5))
-            if stopping.is_set():
-                raise StoppedDuringStartup from exc
-
-
-@contextlib.asynccontextmanager
-async def wired_worker(settings: Settings, runner: ContainerRunner | None = None,
-                       stopping: asyncio.Event | None = None) -> AsyncIterator[Worker]:
-    """A Worker connected to PostgreSQL, Redis and Docker, with its health server up first (so
-    /readyz explains a slow start). `runner` replaces the Docker runner (the benchmark's stub)."""
-    stopping = stopping or asyncio.Event()
-    metrics = Metrics()
-    consumer = _consumer(settings)
-    docker = aiodocker.Docker(url=f"unix://{settings.docker_socket_path}")
-    runner = runner or Runner(settings, docker)
-    wiring: dict[str, Any] = {"status": {}}
-    health = HealthServer(metrics, _probes(wiring, consumer, runner), settings.metrics_port,
-                          on_scrape=lambda: _scrape(consumer, metrics))
-    store: Store | None = None
-    try:
-        if settings.metrics_port:
-            await health.start()
-        store = await _connect_store(settings, stopping, wiring["status"])
-        wiring["store"] = store
-        blocklist = Blocklist(settings.blocklist_path or None)
-        catalogue = brands.load_catalogue(settings.brands_path or None)  # checked in main()
-        urls.registrable_domain("example.com")  # load the public suffix list now, once
-        janitor = Janitor(settings, store, consumer, runner, metrics)
-        worker = Worker(settings, store, consumer, runner, metrics, blocklist, janitor,
-                        stopping=stopping, catalogue=catalogue)
-        wiring["worker"] = worker
-        yield worker
-    finally:
-        await health.stop()
-        if store is not None:  # a hung server must not hold up the exit
-            try:
-                await asyncio.wait_for(store.pool.close(), 1)
-            except Exception:
-                store.pool.terminate()
-        await docker.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(consumer.redis.aclose(), 1)
-
-
-async def run_worker(settings: Settings) -> None:
-    stopping = asyncio.Event()
-    _install_signals(stopping)  # first: SIGTERM is honoured while we wait for dependencies
-    try:
-        async with wired_worker(settings, stopping=stopping) as worker:
-            await worker.run()
-    except StoppedDuringStartup:
-        log.info("stopped before start-up completed")
-
-
-def _install_signals(stopping: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    seen = {"count": 0}
-
-    def on_signal(signum: int) -> None:
-        seen["count"] += 1
-        if seen["count"] > 1:
-            log.error("second signal: exiting at once", extra={"signal": signum})
-            os._exit(1)
-        log.info("signal received: draining", extra={"signal": signum})
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
-
-def _probes(wiring: dict[str, Any], consumer: Consumer, runner: ContainerRunner
-            ) -> dict[str, Callable[[], Awaitable[str | None]]]:
-    async def pg() -> str | None:
-        store: Store | None = wiring.get("store")
-        if store is None:
-            return str(wiring["status"].get("postgres", "connecting"))
-        await store.pool.fetchval("SELECT 1")
-        return None
-
-    async def rd() -> str | None:
-        await consumer.redis.ping()
-        return None
-
-    async def dk() -> str | None:
-        return None if await runner.ping() else "docker daemon unreachable"
-
-    async def taking() -> str | None:
-        worker: Worker | None = wiring.get("worker")
-        if worker is None or not worker.taking_jobs:
-            return "not taking jobs (starting or draining)"
-        return None if worker.docker_ready else "paused: waiting for docker"
-
-    return {"postgres": pg, "redis": rd, "docker": dk, "worker": taking}
-
-
-async def _scrape(consumer: Consumer, metrics: Metrics) -> None:
-    for g in await consumer.redis.xinfo_groups(consumer.stream):
-        name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
-        if name != consumer.group:
-            continue
-        labels = (consumer.stream, consumer.group)
-        metrics.stream_pending.labels(*labels).set(int(g["pending"]))
-        if g.get("lag") is not None:
-            metrics.stream_lag.labels(*labels).set(int(g["lag"]))
+# Kept importable from here (tests and the benchmark build workers through these).
+__all__ = ["_install_signals", "build_parser", "main", "wired_worker"]
+_install_signals = install_signals
 
 
 # --- commands -----------------------------------------------------------------------------
 
 
 async def cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
-    async with _store(settings) as store:
+    async with store_for(settings) as store:
         await store.migrate()
     print("schema is up to date")
     return 0
 
 
 async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
-    async with _store(settings) as store:
-        consumer = _consumer(settings)
+    async with store_for(settings) as store:
+        consumer = consumer_for(settings)
         try:
-            job_id = await store.insert_job(args.url)
-            await consumer.redis.xadd(settings.scan_stream, {"job_id": str(job_id)})
+            got = await ops.submit_scan(store, consumer, Submission(uuid.uuid4(), args.url))
+            job_id = got.id
             if not args.wait:
                 print(job_id)
                 return 0
@@ -290,11 +110,11 @@ async def _wait(store: Store, job_id: uuid.UUID, timeout: float, short: bool = F
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.job_id is None:
-        async with _store(settings) as store, _redis(settings) as rds:
+        async with store_for(settings) as store, redis_for(settings) as rds:
             st = await ops.fleet_status(store, rds, settings)
         print(_json(st) if args.json else ops.status_table(st))
         return 0
-    async with _store(settings) as store:
+    async with store_for(settings) as store:
         view = await store.job_view(args.job_id)
     if view is None:
         print(f"no job {args.job_id}", file=sys.stderr)
@@ -304,15 +124,16 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    async with _store(settings) as store, _redis(settings) as rds:
+    async with store_for(settings) as store, redis_for(settings) as rds:
         docker = aiodocker.Docker(url=f"unix://{settings.docker_socket_path}")
         try:
             found = await docker.containers.list(
                 all=True, filters=orjson.dumps({"label": [LABEL_JOB]}).decode())
             # Only this deployment's jobs: the daemon may run other fleets' scans too.
-            ours = {str(r["id"]) for r in await store.pool.fetch("SELECT id FROM scan_jobs")}
+            ours = await store.all_job_ids()
+            # A warm container's job label is empty: its name carries the job (runner.py).
             containers = [c.id[:12] for c in found
-                          if (c["Labels"] or {}).get(LABEL_JOB) in ours]
+                          if job_of_container(c["Labels"], c["Names"]) in ours]
         finally:
             await docker.close()
         report = await ops.check_invariants(store, rds, settings, containers,
@@ -331,9 +152,9 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
         print("safeurl-worker retry: name job ids or a filter (--state/--error-code/--since)",
               file=sys.stderr)
         return 2
-    async with _store(settings) as store, _redis(settings) as rds:
+    async with store_for(settings) as store, ops_consumer(settings) as consumer:
         done, skipped = await ops.retry_jobs(
-            store, rds, settings, job_ids=args.job_ids, state=args.state,
+            store, consumer, job_ids=args.job_ids, state=args.state,
             error_code=args.error_code, since=args.since, limit=args.limit,
             actor=f"cli:{settings.worker_id}", progress=_progress("retry"))
     print(f"re-queued {done}, skipped {skipped}")
@@ -346,9 +167,14 @@ async def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         print(f"safeurl-worker dlq: not a stream entry id: {', '.join(bad)} "
               "(see `safeurl-worker dlq list`)", file=sys.stderr)
         return 1
-    async with _store(settings) as store, _redis(settings) as rds:
+    if args.action == "purge" and not args.ids and not args.all and not _confirm(
+            "purge EVERY dead letter? [y/N] "):
+        print("safeurl-worker dlq purge: name the entry ids, or pass --all to purge every "
+              "entry", file=sys.stderr)
+        return 2
+    async with store_for(settings) as store, ops_consumer(settings) as consumer:
         if args.action == "list":
-            entries = await ops.dlq_list(rds, settings, args.count)
+            entries = await ops.dlq_list(consumer, args.count)
             print(_json(entries) if args.json else "\n".join(
                 f"{e['id']}  {e.get('reason', '?'):<18} job_id={e.get('job_id', '-')}  "
                 f"original={e.get('original_id', '-')}" for e in entries) or "(empty)")
@@ -358,14 +184,61 @@ async def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
                 print("safeurl-worker dlq replay: name the entry ids (see dlq list)",
                       file=sys.stderr)
                 return 2
-            n, problems = await ops.dlq_replay(store, rds, settings, args.ids,
+            n, problems = await ops.dlq_replay(store, consumer, args.ids,
                                                f"cli:{settings.worker_id}", _progress("replay"))
             for p in problems:
                 print(p, file=sys.stderr)
             print(f"replayed {n}")
             return 1 if problems else 0
-        print(f"purged {await ops.dlq_purge(rds, settings, args.ids)}")
+        n = await ops.dlq_purge(consumer, args.ids, everything=not args.ids)
+        print(f"purged {n}")
         return 0
+
+
+def _confirm(question: str) -> bool:
+    """Ask on a terminal; anywhere else (scripts, CI) the answer is no."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    print(question, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    def show(t: dict[str, int]) -> None:
+        if sys.stderr.isatty():
+            print(f"prune: {t['jobs']} jobs so far", end="\r", file=sys.stderr, flush=True)
+
+    async with store_for(settings) as store, ops_consumer(settings) as consumer:
+        totals = await ops.prune(store, args.older_than, consumer=consumer, batch=args.batch,
+                                 progress=show)
+    print("pruned " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items()))
+    return 0
+
+
+async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    from .api.server import run_api  # FastAPI and uvicorn load only for this command
+
+    await run_api(settings, args.api_settings)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """A new random token (or the given one) and its API_TOKENS entry. No services needed."""
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    unknown = [s for s in scopes if s not in SCOPES]
+    if not scopes or unknown:
+        print(f"safeurl-worker token: --scopes takes {', '.join(SCOPES)} "
+              f"(got {args.scopes!r})", file=sys.stderr)
+        return 2
+    token = sys.stdin.readline().strip() if args.stdin else secrets.token_urlsafe(32)
+    if len(token) < 16:
+        print("safeurl-worker token: a token needs at least 16 characters", file=sys.stderr)
+        return 2
+    if not args.stdin:
+        print(f"token (give it to the client; it is not stored anywhere): {token}",
+              file=sys.stderr)
+    print(f"{args.name}:{hash_token(token)}:{'+'.join(scopes)}")
+    return 0
 
 
 def _progress(what: str) -> Callable[[int, int], None]:
@@ -376,8 +249,9 @@ def _progress(what: str) -> Callable[[int, int], None]:
     return show
 
 
-async def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
-    await run_worker(settings)
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    api = args.api_settings
+    await run_worker(settings, api.callback_default_url or None, notify=api.notify_finished)
     return 0
 
 
@@ -398,8 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Configuration comes from the environment; see README.md.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the worker", epilog="example: WORKER_CONCURRENCY=8 "
+    sub.add_parser("run", help="run the worker", description="Run one worker replica. All "
+                   "configuration comes from the environment (README.md, Configuration).",
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   epilog=_environment_help() + "\n\nexample: WORKER_CONCURRENCY=8 "
                    "safeurl-worker run").set_defaults(fn=cmd_run)
+    sub.add_parser("api", help="serve the HTTP API and deliver completion callbacks",
+                   description="The HTTP API (OpenAPI at /openapi.json, docs at /docs) and the "
+                   "callback deliverer; see docs/api.md. Run any number of replicas.",
+                   epilog="example: API_PORT=8080 API_TOKENS=\"$(safeurl-worker token ci "
+                   "--scopes submit,read)\" CALLBACK_SECRET=... safeurl-worker api"
+                   ).set_defaults(fn=cmd_api)
     sub.add_parser("migrate", help="create or update the schema (idempotent)",
                    epilog="example: DATABASE_URL=postgresql://db/safeurl safeurl-worker migrate"
                    ).set_defaults(fn=cmd_migrate)
@@ -435,19 +318,68 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="examples: safeurl-worker dlq list; safeurl-worker dlq replay "
                         "1700000000000-0; safeurl-worker dlq purge")
     dl.add_argument("action", choices=["list", "replay", "purge"])
-    dl.add_argument("ids", nargs="*", help="entry ids (replay: required; purge: default all)")
+    dl.add_argument("ids", nargs="*", help="entry ids (replay: required; purge: these, or "
+                    "--all)")
+    dl.add_argument("--all", action="store_true", help="purge: every entry (without ids, "
+                    "purge asks on a terminal and refuses elsewhere)")
     dl.add_argument("--count", type=int, default=100)
     dl.add_argument("--json", action="store_true")
     dl.set_defaults(fn=cmd_dlq)
+    pr = sub.add_parser("prune", help="delete finished jobs older than a duration",
+                        description="Delete jobs that finished (COMPLETED, FAILED, TIMED_OUT) "
+                        "longer ago than --older-than, with their results, audit rows and "
+                        "callbacks, in small batches (short transactions; safe while workers "
+                        "run). Unfinished jobs are never touched.",
+                        epilog="example: safeurl-worker prune --older-than 30d")
+    pr.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
+                    help="e.g. 30d, 12h, 90m, 2w")
+    pr.add_argument("--batch", type=int, default=500, help="jobs per statement (default 500)")
+    pr.set_defaults(fn=cmd_prune)
+    tk = sub.add_parser("token", help="make an API token and its API_TOKENS entry",
+                        description="Prints a new random token on stderr and its hashed "
+                        "API_TOKENS entry (name:sha256:scopes) on stdout. Only the hash is "
+                        "configured; the token goes to the client.",
+                        epilog="example: safeurl-worker token ci --scopes submit,read")
+    tk.add_argument("name")
+    tk.add_argument("--scopes", default="read", help="comma-separated: submit, read, operate")
+    tk.add_argument("--stdin", action="store_true", help="hash the token read from stdin "
+                    "instead of making one")
+    tk.set_defaults(fn=None, sync=cmd_token)
     return p
+
+
+def _duration(value: str) -> float:
+    try:
+        return ops.parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _environment_help() -> str:
+    """Every variable `run` reads, with its default (the Settings fields, by name)."""
+    lines = ["environment (default):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=False)
+        shown = "<hostname>-<pid>" if name == "worker_id" else (
+            "''" if default == "" else str(default))
+        lines.append(f"  {name.upper():<28} {shown}")
+    lines.append(f"  {'CALLBACK_DEFAULT_URL':<28} '' (see docs/api.md)")
+    lines.append(f"  {'NOTIFY_FINISHED':<28} False (see docs/contract.md)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "sync", None) is not None:
+        code: int = args.sync(args)
+        return code
     try:
         settings = load_settings()
         if args.command == "run":  # a bad operator catalogue stops start-up, like bad config
             brands.load_catalogue(settings.brands_path or None)
+        # CALLBACK_DEFAULT_URL and NOTIFY_FINISHED are the workers' too
+        if args.command in ("run", "api"):
+            args.api_settings = load_api_settings()
     except ConfigError as exc:
         print(f"safeurl-worker: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,14 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def port_list(v: str) -> str:
+    """A comma-separated list of TCP ports, normalised; ValueError names what is wrong."""
+    ports = [p.strip() for p in v.split(",") if p.strip()]
+    if not ports or not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+        raise ValueError("must be a comma-separated list of TCP ports")
+    return ",".join(ports)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore",
                                       frozen=True)
@@ -65,6 +73,8 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(default=60, ge=0)
     orphan_after_s: float = Field(default=0, ge=0)  # 0: container timeout + 60 s
     consumer_idle_s: float = Field(default=3600, ge=0)  # forget empty, dead consumers after
+    # The janitor prunes finished jobs older than this many days (`prune`); 0: keep everything.
+    retention_days: float = Field(default=0, ge=0)
 
     # --- fetcher sandbox ---
     fetcher_network: str = "bridge"
@@ -81,6 +91,23 @@ class Settings(BaseSettings):
     # DNS servers of fetcher containers (comma-separated IPs); empty: Docker's default. The
     # host's search domains are never inherited (a short name must not become an internal one).
     fetcher_dns: str = ""
+    # The OCI runtime of every sandbox container (a name registered with dockerd, e.g. `runsc`
+    # for gVisor: a second kernel between the page and the host); empty: the daemon's default.
+    fetcher_runtime: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$|^$")
+    # Keep created-but-not-started fetcher containers ready, one per free slot (the URL reaches
+    # them on stdin): container creation leaves the scan's critical path. docs/sandbox.md
+    warm_containers: bool = True
+    # Also start them ahead (the fetcher waits for its URL on stdin): container start and the
+    # fetcher's start-up leave the critical path too; its deadlines start with the URL.
+    warm_start: bool = False
+
+    # --- browser sandbox (render scans; docs/sandbox.md) ---
+    browser_image: str = "safeurl-browser:latest"
+    # Chromium's processes need far more than the fetcher's 512 MiB.
+    browser_memory_limit_mb: int = Field(default=1024, ge=256, le=65536)
+    # Counts threads: Chromium, its renderer, GPU and network processes and Playwright's driver
+    # run ~130 for one page, so the fetcher's 64 would stop the browser from starting.
+    browser_pids_limit: int = Field(default=256, ge=64)
 
     # --- analysis ---
     blocklist_path: str = ""
@@ -125,10 +152,7 @@ class Settings(BaseSettings):
     @field_validator("fetch_allowed_ports")
     @classmethod
     def _ports(cls, v: str) -> str:
-        ports = [p.strip() for p in v.split(",") if p.strip()]
-        if not ports or not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
-            raise ValueError("must be a comma-separated list of TCP ports")
-        return ",".join(ports)
+        return port_list(v)
 
     @field_validator("fetcher_dns")
     @classmethod

@@ -8,7 +8,8 @@ Each round:
   * recover FETCHING/ANALYZING jobs whose owner is dead (no heartbeat with its token) and that
     have no entry left anywhere in the stream (no takeover can find them);
   * remove containers labelled by this service that outlived the container timeout (orphans of
-    a crashed replica), forget idle consumers that hold nothing, trim acknowledged entries.
+    a crashed replica, including its never-started warm containers), forget idle consumers
+    that hold nothing, trim acknowledged entries.
 Every repair is a versioned, audited write (detail `janitor`) and a counted metric: a repair
 means some path lost a message, so `safeurl-worker check` reports how many jobs needed one.
 Judging owners dead waits until Redis has answered this replica for a whole lease, like takeovers.
@@ -22,11 +23,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import ops
 from .config import Settings
 from .consumer import Consumer
 from .metrics import Metrics
 from .models import Job, State
-from .runner import ContainerRunner
+from .runner import ContainerRunner, orphan_age_s
 from .store import Store
 
 log = logging.getLogger("safeurl.janitor")
@@ -81,7 +83,11 @@ class Janitor:
             "containers_removed": self.remove_orphans,
             "consumers_removed": lambda: self.consumer.remove_idle_consumers(
                 int(self.settings.consumer_idle_s * 1000)),
-            "trimmed": self.consumer.trim}
+            "trimmed": self.consumer.trim,
+            # RETENTION_DAYS: a bounded prune per round (with the dead letters of pruned jobs);
+            # housekeeping, not a repair.
+            "pruned": lambda: ops.prune_retained(self.store, self.settings.retention_days,
+                                                 self.consumer)}
         done: dict[str, int] = {}
         for action, fn in actions.items():
             try:  # each repair stands alone: one failing must not skip the others
@@ -91,9 +97,11 @@ class Janitor:
                 log.warning("janitor action failed", extra={
                     "action": action, "error": f"{type(exc).__name__}: {exc}"[:300]})
         for action, n in done.items():
-            if n and action != "trimmed":
+            if n and action not in ("trimmed", "pruned"):
                 self.metrics.janitor_actions.labels(action).inc(n)
                 log.warning("janitor repaired", extra={"action": action, "count": n})
+        if done.get("pruned"):
+            log.info("janitor pruned", extra={"jobs": done["pruned"]})
         return done
 
     async def requeue_lost(self, age_s: float | None = None) -> int:
@@ -138,10 +146,11 @@ class Janitor:
         return await self.consumer.owner_state(job.worker_id, job.owner_token)
 
     async def remove_orphans(self) -> int:
-        # Older than any live scan can be (a scan is killed at the container timeout).
-        older = self.settings.orphan_after_s or self.settings.container_timeout_ms / 1000 + 60
+        # Older than any live scan can be (a scan is killed at the container timeout); this
+        # includes the never-started warm containers of a dead worker (a live one recycles its
+        # own well before this age).
         with contextlib.suppress(Exception):  # Docker down: try again next round
-            return await self.runner.remove_labelled(older_than_s=older)
+            return await self.runner.remove_labelled(older_than_s=orphan_age_s(self.settings))
         return 0
 
     async def _requeue(self, jobs: list[Job], detail: dict[str, Any], fault: bool) -> int:

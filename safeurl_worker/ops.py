@@ -5,6 +5,7 @@ Pure data functions here; printing and argument parsing stay in cli.py.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import uuid
@@ -15,10 +16,9 @@ from typing import Any
 import redis.asyncio as redis
 
 from .config import Settings
-from .models import TERMINAL, Job, State
-from .store import Store
-
-_TERMINAL = [s.value for s in TERMINAL]
+from .consumer import Consumer
+from .models import State
+from .store import Store, Submission, Submitted
 
 
 def _s(v: Any) -> str:
@@ -52,62 +52,23 @@ async def check_invariants(store: Store, rds: redis.Redis, settings: Settings,
 
 async def _job_problems(store: Store, allow_active: bool) -> list[str]:
     problems: list[str] = []
-    q = store.pool.fetch
     if not allow_active:
-        for r in await q("SELECT id, state FROM scan_jobs WHERE state <> ALL($1) LIMIT 20",
-                         _TERMINAL):
+        for r in await store.nonterminal_jobs(_LIMIT):
             problems.append(f"job {r['id']} is not terminal ({r['state']})")
-    for r in await q("""
-            SELECT j.id, j.version, count(a.id) AS n, count(DISTINCT a.version) AS d,
-                   min(a.version) AS lo, max(a.version) AS hi
-            FROM scan_jobs j LEFT JOIN scan_audit_log a ON a.job_id = j.id
-            GROUP BY j.id, j.version
-            HAVING count(a.id) <> j.version OR count(DISTINCT a.version) <> j.version
-                OR (j.version > 0 AND (min(a.version) <> 1 OR max(a.version) <> j.version))
-            LIMIT 20"""):
+    for r in await store.audit_version_problems(_LIMIT):
         problems.append(f"job {r['id']} audit versions broken: version {r['version']}, "
                         f"{r['n']} rows, {r['d']} distinct, {r['lo']}..{r['hi']}")
     problems += await _audit_chain_problems(store)
-    for r in await q("""
-            SELECT j.id, j.state, count(r.job_id) AS n FROM scan_jobs j
-            LEFT JOIN scan_results r ON r.job_id = j.id GROUP BY j.id, j.state
-            HAVING (j.state = 'COMPLETED') <> (count(r.job_id) = 1) LIMIT 20"""):
+    for r in await store.result_row_problems(_LIMIT):
         problems.append(f"job {r['id']} is {r['state']} with {r['n']} result rows")
-    for r in await q("SELECT id, state FROM scan_jobs WHERE state IN ('FAILED', 'TIMED_OUT') "
-                     "AND error_code IS NULL LIMIT 20"):
+    for r in await store.failed_without_error_code(_LIMIT):
         problems.append(f"job {r['id']} is {r['state']} without an error_code")
     return problems
 
 
-# Each audit row must start where the previous one ended (the first where every job starts,
-# QUEUED), and the last must end in the job's current state: otherwise a state change happened
-# without its audit row, or a row was written for a change that never happened. A job without
-# rows must still be QUEUED. Rows are ordered by version (id breaks ties, which the version
-# check reports on its own).
-_AUDIT_CHAIN = """
-WITH a AS (
-    SELECT job_id, version, from_state, to_state,
-           coalesce(lag(to_state) OVER w, 'QUEUED') AS expected_from,
-           lead(id) OVER w IS NULL AS is_last
-    FROM scan_audit_log
-    WINDOW w AS (PARTITION BY job_id ORDER BY version, id)
-)
-SELECT job_id, version, from_state, expected_from, NULL AS to_state, NULL AS state
-FROM a WHERE from_state IS DISTINCT FROM expected_from
-UNION ALL
-SELECT a.job_id, a.version, NULL, NULL, a.to_state, j.state
-FROM a JOIN scan_jobs j ON j.id = a.job_id WHERE a.is_last AND a.to_state <> j.state
-UNION ALL
-SELECT j.id, 0, NULL, NULL, 'QUEUED', j.state FROM scan_jobs j
-WHERE j.state <> 'QUEUED' AND NOT EXISTS (SELECT 1 FROM scan_audit_log l WHERE l.job_id = j.id)
-ORDER BY 1, 2
-LIMIT 20
-"""
-
-
 async def _audit_chain_problems(store: Store) -> list[str]:
     problems = []
-    for r in await store.pool.fetch(_AUDIT_CHAIN):
+    for r in await store.audit_chain_problems(_LIMIT):
         where = f"job {r['job_id']} audit chain broken at version {r['version']}"
         if r["state"] is None:
             problems.append(f"{where}: row starts from {r['from_state']}, "
@@ -150,8 +111,7 @@ async def _entries_without_their_job(
     """A MAX_DELIVERIES entry names a job FAILED MAX_DELIVERIES; an UNKNOWN_JOB entry names no
     job, or one FAILED UNKNOWN_JOB. MALFORMED_MESSAGE entries need no job."""
     ids = list({jid for _, _, jid in named if jid is not None})
-    jobs = {r["id"]: (r["state"], r["error_code"]) for r in await store.pool.fetch(
-        "SELECT id, state, error_code FROM scan_jobs WHERE id = ANY($1::uuid[])", ids)}
+    jobs = {r["id"]: (r["state"], r["error_code"]) for r in await store.job_states(ids)}
     problems: list[str] = []
     for eid, reason, jid in named:
         job = jobs.get(jid) if jid is not None else None
@@ -170,17 +130,9 @@ async def _jobs_without_their_entry(store: Store, named: list[tuple[str, str, uu
     """Each dead-lettered FAILED job has exactly one entry with its error_code as reason. After
     a trim, old jobs may have lost theirs: then only duplicates are violations."""
     with_job = [(jid, reason) for _, reason, jid in named if jid is not None]
-    rows = await store.pool.fetch("""
-        SELECT j.id, j.error_code, count(e.job_id) AS n
-        FROM scan_jobs j
-        LEFT JOIN unnest($1::uuid[], $2::text[]) AS e(job_id, reason)
-               ON e.job_id = j.id AND e.reason = j.error_code
-        WHERE j.state = 'FAILED' AND j.error_code = ANY($3)
-        GROUP BY j.id, j.error_code
-        HAVING count(e.job_id) > 1 OR (count(e.job_id) = 0 AND NOT $4)
-        ORDER BY j.id LIMIT 20""",
+    rows = await store.dead_lettered_entry_counts(
         [jid for jid, _ in with_job], [reason for _, reason in with_job],
-        _DEAD_LETTER_CODES, missing_ok)
+        _DEAD_LETTER_CODES, missing_ok, _LIMIT)
     return [f"job {r['id']} is FAILED {r['error_code']} with {r['n']} dead-letter entries"
             for r in rows]
 
@@ -223,9 +175,7 @@ def _job_state(job: tuple[str, str | None] | None) -> str:
 
 
 async def _janitor_jobs(store: Store) -> int:
-    n: int = await store.pool.fetchval(
-        "SELECT count(DISTINCT job_id) FROM scan_audit_log WHERE detail ? 'janitor'")
-    return n
+    return await store.janitor_repaired_jobs()
 
 
 async def _groups(rds: redis.Redis, stream: str) -> list[dict[str, Any]]:
@@ -240,16 +190,9 @@ async def _groups(rds: redis.Redis, stream: str) -> list[dict[str, Any]]:
 async def fleet_status(store: Store, rds: redis.Redis, settings: Settings) -> dict[str, Any]:
     """Counts by state, recent throughput, queue age, stream figures, dead letters."""
     by_state = {s.value: 0 for s in State}
-    for r in await store.pool.fetch("SELECT state, count(*) AS n FROM scan_jobs GROUP BY state"):
-        by_state[r["state"]] = r["n"]
-    recent: Any = await store.pool.fetchrow("""
-        SELECT count(*) FILTER (WHERE state = 'COMPLETED' AND finished_at > now() - interval '5 minutes') AS c5,
-               count(*) FILTER (WHERE state <> 'COMPLETED' AND finished_at > now() - interval '5 minutes') AS f5,
-               count(*) FILTER (WHERE state = 'COMPLETED' AND finished_at > now() - interval '60 minutes') AS c60,
-               count(*) FILTER (WHERE state <> 'COMPLETED' AND finished_at > now() - interval '60 minutes') AS f60
-        FROM scan_jobs WHERE finished_at > now() - interval '60 minutes'""")  # noqa: E501
-    oldest = await store.pool.fetchval(
-        "SELECT extract(epoch FROM now() - min(created_at)) FROM scan_jobs WHERE state='QUEUED'")
+    by_state.update(await store.counts_by_state())
+    recent = await store.recent_counts()
+    oldest = await store.oldest_queued_s()
     stream: dict[str, Any] = {"length": 0, "lag": None, "pending": 0, "consumers": {}}
     if await rds.exists(settings.scan_stream):
         stream["length"] = await rds.xlen(settings.scan_stream)
@@ -290,9 +233,21 @@ def status_table(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- submit -------------------------------------------------------------------------------
+
+async def submit_scan(store: Store, consumer: Consumer, sub: Submission) -> Submitted:
+    """What the contract says the API service does: INSERT the QUEUED row, then XADD its id.
+    A repeated request (same idempotency key) finds the first one's job and adds nothing: if
+    that request's XADD was lost, the janitor re-enqueues the job."""
+    got = await store.submit_job(sub)
+    if got.created:
+        await consumer.enqueue(got.id)
+    return got
+
+
 # --- retry ----------------------------------------------------------------------------------
 
-async def retry_jobs(store: Store, rds: redis.Redis, settings: Settings, *,
+async def retry_jobs(store: Store, consumer: Consumer, *,
                      job_ids: list[uuid.UUID], state: str | None, error_code: str | None,
                      since: datetime | None, limit: int, actor: str,
                      progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
@@ -301,27 +256,20 @@ async def retry_jobs(store: Store, rds: redis.Redis, settings: Settings, *,
     states = [state] if state else ["FAILED", "TIMED_OUT"]
     if any(s not in ("FAILED", "TIMED_OUT") for s in states):
         raise ValueError("only FAILED or TIMED_OUT jobs can be retried")
-    rows = await store.pool.fetch(
-        "SELECT id, url, state, version, attempts, worker_id, error_code, created_at "
-        "FROM scan_jobs WHERE state = ANY($1) "
-        "AND (cardinality($2::uuid[]) = 0 OR id = ANY($2)) "
-        "AND ($3::text IS NULL OR error_code = $3) "
-        "AND ($4::timestamptz IS NULL OR finished_at >= $4) ORDER BY finished_at LIMIT $5",
-        states, job_ids, error_code, since, limit)
+    jobs = await store.retry_candidates(states, job_ids, error_code, since, limit)
     done = skipped = 0
-    for i, row in enumerate(rows, 1):
-        job = Job.model_validate(dict(row))
+    for i, job in enumerate(jobs, 1):
         # The transition clears error_code and finished_at; failed jobs have no result row.
         moved = await store.transition(job, State.QUEUED, worker_id=actor, reset_faults=True,
                                        detail={"retry": True, "previous_error": job.error_code})
         if moved is None:
             skipped += 1
         else:
-            await rds.xadd(settings.scan_stream, {"job_id": str(job.id)})
+            await consumer.enqueue(job.id)
             done += 1
         if progress:
-            progress(i, len(rows))
-    return done, skipped + (len(job_ids) - len(rows) if job_ids else 0)
+            progress(i, len(jobs))
+    return done, skipped + (len(job_ids) - len(jobs) if job_ids else 0)
 
 
 # --- dead letters ---------------------------------------------------------------------------
@@ -334,20 +282,32 @@ def bad_entry_ids(ids: list[str]) -> list[str]:
     return [i for i in ids if not _ENTRY_ID.match(i)]
 
 
-async def dlq_list(rds: redis.Redis, settings: Settings, count: int) -> list[dict[str, str]]:
-    entries: Any = await rds.xrange(settings.dead_letter_stream, count=count)
+async def dlq_list(consumer: Consumer, count: int, after: str | None = None
+                   ) -> list[dict[str, str]]:
+    """Up to `count` dead letters, oldest first; `after`: the id the previous page ended at."""
+    entries: Any = await consumer.redis.xrange(consumer.dead_letter_stream,
+                                               min=f"({after}" if after else "-", count=count)
     return [{"id": _s(eid), **{_s(k): _s(v) for k, v in fields.items()}}
             for eid, fields in entries]
 
 
-async def dlq_replay(store: Store, rds: redis.Redis, settings: Settings, ids: list[str],
+async def dlq_entry(consumer: Consumer, entry_id: str) -> dict[str, str] | None:
+    found: Any = await consumer.redis.xrange(consumer.dead_letter_stream, min=entry_id,
+                                             max=entry_id)
+    if not found:
+        return None
+    return {"id": _s(found[0][0]), **{_s(k): _s(v) for k, v in found[0][1].items()}}
+
+
+async def dlq_replay(store: Store, consumer: Consumer, ids: list[str],
                      actor: str, progress: Callable[[int, int], None] | None = None
                      ) -> tuple[int, list[str]]:
     """Send dead-lettered entries back to the stream; a FAILED job is first moved back to
     QUEUED (versioned, audited). Replayed entries leave the dead-letter stream."""
     replayed, problems = 0, []
+    dead = consumer.dead_letter_stream
     for i, eid in enumerate(ids, 1):
-        found: Any = await rds.xrange(settings.dead_letter_stream, min=eid, max=eid)
+        found: Any = await consumer.redis.xrange(dead, min=eid, max=eid)
         if not found:
             problems.append(f"{eid}: no such dead-letter entry")
             continue
@@ -364,18 +324,85 @@ async def dlq_replay(store: Store, rds: redis.Redis, settings: Settings, ids: li
         if job.state in (State.FAILED, State.TIMED_OUT):
             await store.transition(job, State.QUEUED, worker_id=actor, reset_faults=True,
                                    detail={"dlq_replay": eid})
-        await rds.xadd(settings.scan_stream, {"job_id": str(job_id)})
-        await rds.xdel(settings.dead_letter_stream, eid)
+        await consumer.enqueue(job_id)
+        await consumer.redis.xdel(dead, eid)
         replayed += 1
         if progress:
             progress(i, len(ids))
     return replayed, problems
 
 
-async def dlq_purge(rds: redis.Redis, settings: Settings, ids: list[str]) -> int:
+async def dlq_purge(consumer: Consumer, ids: list[str], everything: bool = False) -> int:
+    """Delete the named entries, or (only when asked explicitly) the whole stream."""
+    dead = consumer.dead_letter_stream
     if ids:
-        return int(await rds.xdel(settings.dead_letter_stream, *ids))
-    n = await rds.xlen(settings.dead_letter_stream) if await rds.exists(
-        settings.dead_letter_stream) else 0
-    await rds.delete(settings.dead_letter_stream)
+        return int(await consumer.redis.xdel(dead, *ids))
+    if not everything:
+        raise ValueError("name the entries to purge, or purge all of them explicitly")
+    n = await consumer.redis.xlen(dead) if await consumer.redis.exists(dead) else 0
+    await consumer.redis.delete(dead)
     return int(n)
+
+
+# --- retention ------------------------------------------------------------------------------
+
+_PRUNED = ("jobs", "results", "audit_rows", "callbacks", "callback_attempts")
+
+
+async def prune(store: Store, older_than_s: float, *, consumer: Consumer | None = None,
+                batch: int = 500, pause_s: float = 0.05, max_jobs: int | None = None,
+                progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
+    """Delete finished jobs older than `older_than_s` with their results, audit rows and
+    callbacks, `batch` jobs per statement (each its own short transaction, so no lock is held
+    for long and the workers' writes interleave), until none is left or `max_jobs` are gone.
+    With `consumer`, the dead-letter entries of pruned MAX_DELIVERIES jobs go too: `check`
+    holds such jobs and their entries one to one. Returns the totals."""
+    totals = dict.fromkeys((*_PRUNED, "dead_letters"), 0)
+    dead_lettered: set[str] = set()
+    while True:
+        size = batch if max_jobs is None else min(batch, max_jobs - totals["jobs"])
+        done = await store.prune_batch(older_than_s, size)
+        for k in _PRUNED:
+            totals[k] += int(done[k])
+        dead_lettered.update(str(j) for j in done["dead_lettered"])
+        if progress:
+            progress(totals)
+        if done["jobs"] < size or (max_jobs is not None and totals["jobs"] >= max_jobs):
+            break
+        await asyncio.sleep(pause_s)  # room for everybody else between batches
+    if consumer is not None and dead_lettered:
+        totals["dead_letters"] = await _drop_dead_letters_of(consumer, dead_lettered)
+    return totals
+
+
+async def _drop_dead_letters_of(consumer: Consumer, job_ids: set[str]) -> int:
+    """XDEL the MAX_DELIVERIES entries naming these (deleted) jobs; one pass over the bounded
+    dead-letter stream."""
+    entries = await _read_stream(consumer.redis, consumer.dead_letter_stream)
+    doomed = [eid for eid, f in entries
+              if f.get("reason") == "MAX_DELIVERIES" and f.get("job_id") in job_ids]
+    if not doomed:
+        return 0
+    return int(await consumer.redis.xdel(consumer.dead_letter_stream, *doomed))
+
+
+async def prune_retained(store: Store, retention_days: float, consumer: Consumer | None = None,
+                         max_jobs: int = 5000) -> int:
+    """The janitor's retention policy (RETENTION_DAYS; 0: off): a bounded prune per round, so
+    a first run over a large backlog is spread over many rounds. Returns the jobs deleted."""
+    if retention_days <= 0:
+        return 0
+    done = await prune(store, retention_days * 86400, consumer=consumer, max_jobs=max_jobs)
+    return done["jobs"]
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` -> seconds; raises ValueError."""
+    m = _DURATION.match(text.strip().lower())
+    if m is None:
+        raise ValueError(f"not a duration: {text!r} (examples: 30d, 12h, 90m)")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]

@@ -68,3 +68,53 @@ CREATE INDEX IF NOT EXISTS scan_jobs_active_idx ON scan_jobs (state, updated_at)
     WHERE state IN ('QUEUED', 'FETCHING', 'ANALYZING');
 CREATE INDEX IF NOT EXISTS scan_jobs_finished_idx ON scan_jobs (finished_at);
 CREATE INDEX IF NOT EXISTS scan_results_url_key_idx ON scan_results (url_key, created_at);
+
+-- Submissions through `safeurl-worker api` (docs/api.md). All nullable: rows INSERTed by another
+-- API service simply have none of them.
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS callback_url text;
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS metadata jsonb;
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS mode text;                -- static / render
+-- "<token name>:<Idempotency-Key>" and a hash of the request body it came with: the same key
+-- with the same body returns the same job, with another body it is a conflict (409).
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS idempotency_key text;
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS request_hash text;
+CREATE UNIQUE INDEX IF NOT EXISTS scan_jobs_idempotency_idx ON scan_jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- `GET /v1/scans` pages newest first by (created_at, id).
+CREATE INDEX IF NOT EXISTS scan_jobs_created_idx ON scan_jobs (created_at DESC, id DESC);
+-- `GET /v1/scans?url=` looks a URL up by its hash: URLs (up to 8 KiB) can outgrow a btree entry.
+CREATE INDEX IF NOT EXISTS scan_jobs_url_md5_idx ON scan_jobs (md5(url));
+
+-- The completion-callback outbox (docs/contract.md, *Callbacks and NOTIFY*): one row per
+-- terminal write of a job that has a callback URL, inserted by that same statement, so a
+-- callback is never lost to a crash. The api process delivers them (callbacks.py).
+CREATE TABLE IF NOT EXISTS scan_callbacks (
+    id              bigserial PRIMARY KEY,
+    job_id          uuid NOT NULL,
+    version         integer NOT NULL,           -- the job version of the terminal write
+    state           text NOT NULL,              -- the job's terminal state it reports
+    error_code      text,
+    url             text NOT NULL,
+    status          text NOT NULL DEFAULT 'PENDING'
+                    CHECK (status IN ('PENDING', 'DELIVERED', 'FAILED', 'REFUSED')),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    delivered_at    timestamptz
+);
+CREATE INDEX IF NOT EXISTS scan_callbacks_due_idx ON scan_callbacks (next_attempt_at)
+    WHERE status = 'PENDING';
+CREATE INDEX IF NOT EXISTS scan_callbacks_job_idx ON scan_callbacks (job_id);
+
+CREATE TABLE IF NOT EXISTS scan_callback_attempts (
+    id          bigserial PRIMARY KEY,
+    callback_id bigint NOT NULL,
+    job_id      uuid NOT NULL,
+    attempt     integer NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    http_status integer,
+    error       text,
+    duration_ms integer
+);
+CREATE INDEX IF NOT EXISTS scan_callback_attempts_job_idx ON scan_callback_attempts (job_id);

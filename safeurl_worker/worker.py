@@ -42,7 +42,7 @@ from .pipeline import (
     parse_message,
     url_key,
 )
-from .runner import ContainerRunner
+from .runner import ContainerRunner, KeepsWarm
 from .store import Store
 
 log = logging.getLogger("safeurl.worker")
@@ -63,6 +63,7 @@ class Worker:
         self.worker_id = settings.worker_id
         self.token = uuid.uuid4().hex  # this process life: a restart under the same id differs
         self.stopping = stopping or asyncio.Event()
+        self.runner = runner
         self._docker_ready = asyncio.Event()
         self._docker_ready.set()
         self._running: set[uuid.UUID] = set()  # job ids being processed here
@@ -89,14 +90,19 @@ class Worker:
 
     async def run(self) -> None:
         janitor = asyncio.create_task(self.janitor.loop()) if self.janitor else None
+        # Warm containers for the free slots (runner.py); stopped after the drain, which
+        # removes the ones left and waits for the background removals.
+        warm = asyncio.create_task(self.runner.keep_warm()) \
+            if isinstance(self.runner, KeepsWarm) else None
         log.info("worker started", extra={"worker_id": self.worker_id,
                                           "concurrency": self.settings.worker_concurrency})
         try:
             await self.intake.run()
         finally:
-            if janitor:
-                janitor.cancel()
-                await asyncio.gather(janitor, return_exceptions=True)
+            for task in (janitor, warm):
+                if task:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     # --- one message ------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Build the fetcher (sandbox) image, and optionally the worker image, from the Containerfile.
+# Build the fetcher (sandbox) image, and optionally the browser (rendering sandbox) and worker
+# images, from the Containerfile.
 # The Containerfile takes its base as a build arg (a public image by default). Where no registry is
 # reachable, a base image is built locally from Debian packages (debootstrap) and cached: it is only
 # rebuilt when missing.
 #   scripts/build-images.sh            # fetcher image
 #   scripts/build-images.sh worker     # worker image too
+#   scripts/build-images.sh browser    # browser image too (Debian's chromium: ~5 minutes once)
+#   scripts/build-images.sh all        # all three
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +15,7 @@ PUBLIC_BASE=${PUBLIC_BASE_IMAGE:-python:3.11-slim-bookworm}
 LOCAL_BASE=${LOCAL_BASE_IMAGE:-safeurl-base:bookworm}
 FETCHER_IMAGE=${FETCHER_IMAGE:-safeurl-fetcher:latest}
 WORKER_IMAGE=${WORKER_IMAGE:-safeurl-worker:latest}
+BROWSER_IMAGE=${BROWSER_IMAGE:-safeurl-browser:latest}
 log() { printf '[images] %s\n' "$*" >&2; }
 have() { docker image inspect "$1" >/dev/null 2>&1; }
 
@@ -60,13 +64,33 @@ fetcher_wheels() {
     -d build/fetcher-wheels "${FETCHER_WHEELS[@]}" >/dev/null
 }
 
+# The browser image: the fetcher's wheels (the renderer reuses netcheck/weburl/htmlscan), plus
+# Playwright (its wheel carries its own Node.js driver; no browser is downloaded: the image has
+# Debian's chromium) and mmh3 (the favicon hash as Shodan computes it).
+BROWSER_WHEELS=("playwright==1.65.2" "greenlet==3.5.6" "mmh3==5.3.1")
+browser_wheels() {
+  local arch
+  arch=$(uname -m)
+  rm -rf build/browser-wheels
+  mkdir -p build/browser-wheels
+  cp build/fetcher-wheels/*.whl build/browser-wheels/
+  .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform "manylinux_2_28_$arch" --platform "manylinux2014_$arch" \
+    --platform "manylinux_2_17_$arch" --platform "manylinux1_$arch" \
+    -d build/browser-wheels "${BROWSER_WHEELS[@]}" >/dev/null
+}
+
 base=$(pick_base)
 fetcher_wheels
 build fetcher "$FETCHER_IMAGE" "$base"
-if [ "${1:-}" = worker ]; then
+if [ "${1:-}" = browser ] || [ "${1:-}" = all ]; then
+  browser_wheels
+  build browser "$BROWSER_IMAGE" "$base"
+fi
+if [ "${1:-}" = worker ] || [ "${1:-}" = all ]; then
   rm -rf build/wheels
   # async-timeout: redis needs it on Python < 3.11.3 (Debian bookworm has 3.11.2).
   .venv/bin/pip wheel -q -w build/wheels . "async-timeout>=4.0.3" >/dev/null
   build worker "$WORKER_IMAGE" "$base"
 fi
-docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "^(${FETCHER_IMAGE%%:*}|${WORKER_IMAGE%%:*}|${LOCAL_BASE%%:*}):" >&2 || true
+docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "^(${FETCHER_IMAGE%%:*}|${BROWSER_IMAGE%%:*}|${WORKER_IMAGE%%:*}|${LOCAL_BASE%%:*}):" >&2 || true

@@ -20,6 +20,7 @@ install_packages() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v iptables >/dev/null || missing+=(iptables)
   command -v curl >/dev/null || missing+=(curl)
+  command -v runsc >/dev/null || missing+=(runsc)                    # gVisor, FETCHER_RUNTIME=runsc
   python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
   command -v promtool >/dev/null || missing+=(prometheus)            # promtool checks the alert rules
   command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 ||
@@ -84,14 +85,42 @@ start_docker() {
   log "dockerd did not start; see $STATE_DIR/dockerd.log"; tail -20 "$STATE_DIR/dockerd.log" >&2; exit 1
 }
 
+# gVisor for FETCHER_RUNTIME=runsc (docs/deploy.md). This runsc build refuses networked containers
+# with its own netstack ("root network namespace"), and --platform=kvm hangs here; ptrace with
+# --network=host runs a fetch over the container's own network namespace (not the host's).
+# Registered through daemon.json (merged, never overwritten) and picked up with a SIGHUP, which
+# leaves running containers alone.
+register_runsc() {
+  command -v runsc >/dev/null || return 0
+  docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"' && return 0
+  mkdir -p /etc/docker
+  python3 - <<'PY'
+import json, pathlib
+p = pathlib.Path("/etc/docker/daemon.json")
+conf = json.loads(p.read_text()) if p.exists() and p.read_text().strip() else {}
+conf.setdefault("runtimes", {})["runsc"] = {
+    "path": "/usr/bin/runsc", "runtimeArgs": ["--platform=ptrace", "--network=host"]}
+p.write_text(json.dumps(conf, indent=2) + "\n")
+PY
+  log "registering the runsc runtime with dockerd"
+  local pid
+  pid=$(cat "$RUN_DIR/dockerd.pid" 2>/dev/null || pgrep -xo dockerd)
+  kill -HUP "$pid"
+  for _ in $(seq 40); do
+    docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"' && return 0
+    sleep 0.25
+  done
+  log "dockerd did not pick up the runsc runtime; see $STATE_DIR/dockerd.log"; exit 1
+}
+
 main() {
   mkdir -p "$STATE_DIR"
   install_packages
   case "${1:-all}" in
     redis) start_redis ;;
     postgres) start_postgres ;;
-    docker) start_docker ;;
-    all) start_redis; start_postgres; start_docker ;;
+    docker) start_docker; register_runsc ;;
+    all) start_redis; start_postgres; start_docker; register_runsc ;;
     *) echo "usage: $0 [all|redis|postgres|docker]" >&2; exit 2 ;;
   esac
 }

@@ -77,11 +77,19 @@ async def pending(rds: redis.Redis, settings: Settings) -> int:
     return int(info["pending"])
 
 
-def labelled_containers(job_id: uuid.UUID | None = None) -> list[str]:
-    label = f"safeurl.job_id={job_id}" if job_id else "safeurl.job_id"
-    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"],
-                         capture_output=True, text=True, check=True, timeout=30)
-    return out.stdout.split()
+def labelled_containers(job_id: uuid.UUID | None = None, wait_s: float = 5) -> list[str]:
+    """Our containers (of one job: by name - a warm container is renamed for its job), once
+    the background removal had up to `wait_s` to finish."""
+    args = ["docker", "ps", "-aq", "--filter", "label=safeurl.job_id"]
+    if job_id:
+        args += ["--filter", f"name=safeurl-{job_id}-"]
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = subprocess.run(args, capture_output=True, text=True, check=True,
+                             timeout=30).stdout.split()
+        if not out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)
 
 
 def metric(worker_metrics_text: bytes, name: str, labels: dict[str, str] | None = None) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import time
@@ -21,12 +22,15 @@ import redis.asyncio as redis
 
 from safeurl_worker.cli import build_parser
 from safeurl_worker.config import Settings
+from safeurl_worker.logs import JsonFormatter, TextFormatter
+from safeurl_worker.models import State
 from safeurl_worker.store import Store
 
 from .conftest import TestNet, running_worker
 from .helpers import CLI, audit, env_of, submit, wait_all_terminal, wait_terminal
 
-SUBCOMMANDS = ["run", "migrate", "submit", "status", "check", "retry", "dlq"]
+SUBCOMMANDS = ["run", "api", "migrate", "submit", "status", "check", "retry", "dlq", "prune",
+               "token"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ def test_top_level_help_lists_every_subcommand() -> None:
     ["retry", "--since", "yesterday"],
     ["dlq", "frobnicate"],
     ["submit"],
+    ["prune"],
+    ["prune", "--older-than", "soon"],
+    ["prune", "--older-than", "30"],
     [],
 ])
 def test_parser_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -98,6 +105,25 @@ def test_parser_accepts_the_documented_forms() -> None:
     a = p.parse_args(["dlq", "replay", "1-0", "2-0"])
     assert (a.action, a.ids) == ("replay", ["1-0", "2-0"])
     assert p.parse_args(["submit", "http://x/", "--wait"]).timeout == 120
+    assert p.parse_args(["prune", "--older-than", "30d"]).older_than == 30 * 86400
+    assert p.parse_args(["prune", "--older-than", "12h", "--batch", "50"]).batch == 50
+    assert p.parse_args(["dlq", "purge", "--all"]).all is True
+
+
+def test_run_help_lists_every_environment_variable() -> None:
+    out = subprocess.run([CLI, "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in Settings.model_fields:
+        assert f"  {name.upper()} " in out.stdout, name
+    assert "WORKER_CONCURRENCY           5" in out.stdout
+    for name in ("CALLBACK_DEFAULT_URL", "NOTIFY_FINISHED"):  # the api settings `run` reads
+        assert f"  {name} " in out.stdout, name
+
+
+def test_log_timestamps_are_utc_with_an_offset() -> None:
+    record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "created": 0.5})
+    assert json.loads(JsonFormatter().format(record))["ts"] == "1970-01-01T00:00:00.500+00:00"
+    assert TextFormatter().format(record).startswith("1970-01-01T00:00:00.500+00:00 INFO")
 
 
 def test_invalid_configuration_exits_with_one_line_naming_the_variable() -> None:
@@ -368,7 +394,11 @@ async def test_dlq_list_replay_purge(
         await asyncio.sleep(0.5)
     left = await dlq_entries(settings, 1)
     assert [e["id"] for e in left] == [malformed]
-    purged = await cli(settings, "dlq", "purge")
+    # Without ids (and not on a terminal) purge refuses and deletes nothing.
+    refused = await cli(settings, "dlq", "purge")
+    assert refused.code == 2 and "--all" in refused.stderr, refused.stderr
+    assert len(await dlq_entries(settings, 1)) == 1
+    purged = await cli(settings, "dlq", "purge", "--all")
     assert purged.code == 0 and "purged 1" in purged.stdout, purged.stdout
     assert (await cli(settings, "dlq", "list")).stdout.strip() == "(empty)"
     assert (await cli(settings, "dlq", "list", "--json")).json() == []
@@ -388,3 +418,32 @@ async def test_dlq_commands_reject_malformed_entry_ids_cleanly(
     assert "Traceback" not in out.stderr, out.stderr
     assert "not-an-id" in out.stderr, out.stderr
     assert await rds.xlen(settings.dead_letter_stream) == 1
+
+
+@pytest.mark.integration
+async def test_prune_deletes_old_finished_jobs_only(settings: Settings, store: Store,
+                                                    rds: redis.Redis) -> None:
+    old, recent, queued = [await store.insert_job("http://a.test/") for _ in range(3)]
+    for job_id in (old, recent):
+        job = await store.get_job(job_id)
+        assert job is not None
+        await store.transition(job, State.FAILED, worker_id="w", error_code="MAX_DELIVERIES")
+        await rds.xadd(settings.dead_letter_stream, {"job_id": str(job_id),
+                                                     "reason": "MAX_DELIVERIES"})
+    await store.pool.execute("UPDATE scan_jobs SET finished_at = now() - interval '31 days', "
+                             "created_at = now() - interval '32 days' WHERE id = $1", old)
+    await store.pool.execute("UPDATE scan_jobs SET created_at = now() - interval '90 days' "
+                             "WHERE id = $1", queued)
+    out = await cli(settings, "prune", "--older-than", "30d")
+    assert out.code == 0, out.stderr
+    assert out.stdout.strip() == ("pruned 1 jobs, 0 results, 1 audit rows, 0 callbacks, "
+                                  "0 callback attempts, 1 dead letters")
+    # The old job's dead letter went with it; the recent one's stays.
+    entries = await rds.xrange(settings.dead_letter_stream)
+    assert [f[b"job_id"] for _, f in entries] == [str(recent).encode()]
+    left = {r["id"] for r in await store.pool.fetch("SELECT id FROM scan_jobs")}
+    assert left == {recent, queued}
+    assert await store.pool.fetchval("SELECT count(*) FROM scan_audit_log WHERE job_id = $1",
+                                     old) == 0
+    again = await cli(settings, "prune", "--older-than", "30d")
+    assert again.stdout.startswith("pruned 0 jobs")

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import aiodocker
 import pytest
 import redis.asyncio as redis
 
 from safeurl_worker.cli import wired_worker
 from safeurl_worker.config import Settings
 from safeurl_worker.models import State
+from safeurl_worker.runner import Runner
 from safeurl_worker.store import Store
 
 from .conftest import FETCHER_IMAGE, docker, running_worker
@@ -91,6 +93,27 @@ async def test_orphan_containers_are_removed(
         docker("rm", "-f", cid, check=False)
 
 
+async def test_never_started_warm_containers_of_a_dead_worker_are_removed(
+        make_settings: type[Settings], store: Store) -> None:
+    settings = make_settings(orphan_after_s=1)
+    client = aiodocker.Docker(url="unix:///var/run/docker.sock")
+    dead = Runner(make_settings(worker_id=f"dead-{uuid.uuid4().hex[:6]}"), client)
+    try:
+        await dead._make_warm()  # then its worker dies: nobody removes them
+        await dead._make_warm()
+        warm = [w.container.id for w in dead._warm]
+        await asyncio.sleep(1.5)
+        async with wired_worker(settings) as worker:
+            assert worker.janitor is not None
+            assert (await worker.janitor.run_once())["containers_removed"] >= 2
+        for cid in warm:
+            assert docker("ps", "-aq", "--filter", f"id={cid}") == ""
+    finally:
+        for w in dead._warm:
+            docker("rm", "-f", w.container.id, check=False)
+        await client.close()
+
+
 async def test_one_janitor_leads_at_a_time(
         make_settings: type[Settings], store: Store) -> None:
     a, b = make_settings(worker_id="jan-a"), make_settings(worker_id="jan-b")
@@ -102,3 +125,28 @@ async def test_one_janitor_leads_at_a_time(
         await wa.consumer.redis.delete(wa.janitor.lock_key)  # the leader died: lock expired
         assert await wb.janitor._leader(ttl_ms=5000)
         await wb.consumer.redis.delete(wb.janitor.lock_key)
+
+
+async def test_retention_days_prunes_old_finished_jobs(
+        make_settings: type[Settings], store: Store, rds: redis.Redis) -> None:
+    """RETENTION_DAYS: the janitor prunes finished jobs past it, never unfinished ones; 0 keeps
+    everything."""
+    ids = [await store.insert_job("http://site-a.test/") for _ in range(3)]
+    for job_id in ids[::2]:  # two finished jobs; the middle one stays QUEUED
+        job = await store.get_job(job_id)
+        assert job is not None
+        assert await store.transition(job, State.FAILED, worker_id="t", detail={},
+                                      error_code="INVALID_URL") is not None
+    old_done, old_queued, recent_done = ids
+    await store.pool.execute("UPDATE scan_jobs SET finished_at = now() - interval '10 days', "
+                             "updated_at = now() - interval '10 days', "
+                             "created_at = now() - interval '10 days' WHERE id = ANY($1::uuid[])",
+                             [old_done, old_queued])
+    for days, pruned in ((0, 0), (7, 1)):
+        async with wired_worker(make_settings(retention_days=days)) as worker:
+            assert worker.janitor is not None
+            done = await worker.janitor.run_once()
+        assert done["pruned"] == pruned
+    assert await store.get_job(old_done) is None
+    assert await store.get_job(old_queued) is not None
+    assert await store.get_job(recent_done) is not None

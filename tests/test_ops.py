@@ -4,12 +4,15 @@ or a raw XADD) on an otherwise clean history, and check must name exactly it."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 import redis.asyncio as redis
 
+from safeurl_worker import ops
 from safeurl_worker.config import Settings
+from safeurl_worker.consumer import Consumer
 from safeurl_worker.models import Analysis, Job, Report, State, Verdict
 from safeurl_worker.ops import check_invariants
 from safeurl_worker.store import Store
@@ -191,3 +194,122 @@ async def test_janitor_repairs_are_counted_not_violations(
     assert report.problems == []
     assert report.janitor_jobs == 1
     assert janitor_jobs(await check(settings)) == 1
+
+
+# --- prune ------------------------------------------------------------------------------------
+
+
+async def _with_callback(store: Store, job_id: uuid.UUID) -> None:
+    """An outbox row and one recorded attempt for a finished job, as the deliverer leaves."""
+    cb = await store.pool.fetchval(
+        "INSERT INTO scan_callbacks (job_id, version, state, url, status, attempts) "
+        "VALUES ($1, 1, 'COMPLETED', 'http://127.0.0.1:9/', 'DELIVERED', 1) RETURNING id",
+        job_id)
+    await store.pool.execute("INSERT INTO scan_callback_attempts (callback_id, job_id, attempt, "
+                             "http_status) VALUES ($1, $2, 1, 200)", cb, job_id)
+
+
+async def _age(store: Store, job_id: uuid.UUID, days: float) -> None:
+    await store.pool.execute(
+        "UPDATE scan_jobs SET finished_at = now() - make_interval(days => $2), "
+        "created_at = now() - make_interval(days => $2 + 1) WHERE id = $1", job_id, days)
+
+
+async def _rows(store: Store, job_id: uuid.UUID) -> tuple[int, ...]:
+    row = await store.pool.fetchrow("""
+        SELECT (SELECT count(*) FROM scan_jobs WHERE id = $1),
+               (SELECT count(*) FROM scan_results WHERE job_id = $1),
+               (SELECT count(*) FROM scan_audit_log WHERE job_id = $1),
+               (SELECT count(*) FROM scan_callbacks WHERE job_id = $1),
+               (SELECT count(*) FROM scan_callback_attempts WHERE job_id = $1)""", job_id)
+    assert row is not None
+    return tuple(row)
+
+
+async def test_prune_removes_old_finished_jobs_and_nothing_else(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    old_done = [await _completed(store) for _ in range(5)]
+    old_failed = await _failed(store, "INVALID_URL")
+    recent_done = await _completed(store)
+    for j in [*old_done, old_failed, recent_done]:
+        await _with_callback(store, j)
+    for j in [*old_done, old_failed]:
+        await _age(store, j, 31)
+    await _age(store, recent_done, 29)
+    # Old but unfinished: never pruned, however old (a stuck job is the janitor's business).
+    old_queued = (await _job(store)).id
+    running = (await _move(store, await _job(store), State.FETCHING)).id
+    await store.pool.execute("UPDATE scan_jobs SET created_at = now() - interval '90 days', "
+                             "updated_at = now() - interval '90 days' "
+                             "WHERE id = ANY($1::uuid[])", [old_queued, running])
+    kept = {j: await _rows(store, j) for j in (recent_done, old_queued, running)}
+    assert kept[recent_done] == (1, 1, 3, 1, 1)
+
+    batches: list[int] = []
+    totals = await ops.prune(store, 30 * 86400, batch=2, pause_s=0,
+                             progress=lambda t: batches.append(t["jobs"]))
+    assert totals == {"jobs": 6, "results": 5, "audit_rows": 16, "callbacks": 6,
+                      "callback_attempts": 6, "dead_letters": 0}
+    assert batches == [2, 4, 6, 6]  # in batches of 2; the last one finds nothing more
+    for j in [*old_done, old_failed]:
+        assert await _rows(store, j) == (0, 0, 0, 0, 0)
+    for j, counts in kept.items():
+        assert await _rows(store, j) == counts
+    # What is left is a consistent history.
+    assert await _problems(store, rds, settings, allow_active=True) == []
+    assert await ops.prune(store, 30 * 86400) == dict.fromkeys(totals, 0)
+
+
+async def test_prune_skips_a_job_another_transaction_holds(store: Store) -> None:
+    job_id = await _completed(store)
+    await _age(store, job_id, 40)
+    async with store.pool.acquire() as conn, conn.transaction():
+        # e.g. an operator's retry of this very job, in flight: prune does not wait for it.
+        await conn.execute("SELECT 1 FROM scan_jobs WHERE id = $1 FOR UPDATE", job_id)
+        done = await asyncio.wait_for(store.prune_batch(30 * 86400, 100), 5)
+        assert done["jobs"] == 0
+    assert (await store.prune_batch(30 * 86400, 100))["jobs"] == 1
+
+
+def _consumer(settings: Settings, rds: redis.Redis) -> Consumer:
+    return Consumer(rds, settings.scan_stream, settings.scan_group, "cli:test",
+                    settings.dead_letter_stream, settings.dead_letter_maxlen)
+
+
+def test_durations() -> None:
+    assert ops.parse_duration("30d") == 30 * 86400
+    assert ops.parse_duration("1.5h") == 5400
+    assert ops.parse_duration(" 2W ") == 14 * 86400
+    for bad in ("30", "d", "-1d", "1y", ""):
+        with pytest.raises(ValueError, match="duration"):
+            ops.parse_duration(bad)
+
+
+async def test_retention_policy_is_bounded_per_round_and_off_at_zero(store: Store) -> None:
+    jobs = [await _failed(store, "INVALID_URL") for _ in range(5)]
+    for j in jobs:
+        await _age(store, j, 10)
+    assert await ops.prune_retained(store, 0) == 0  # RETENTION_DAYS unset: nothing
+    assert await ops.prune_retained(store, 30) == 0  # nothing that old
+    assert await ops.prune_retained(store, 7, max_jobs=2) == 2  # at most ~max_jobs a round
+    left = await store.pool.fetchval("SELECT count(*) FROM scan_jobs")
+    assert left == 3
+
+
+async def test_prune_takes_the_dead_letters_of_pruned_jobs_and_check_passes(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    """A job dead-lettered long ago: its entry goes with it (check requires one to one), the
+    entries of kept jobs and the entries that name no job stay."""
+    await _quiet_group(rds, settings)
+    old_poison = await _failed(store, "MAX_DELIVERIES")
+    new_poison = await _failed(store, "MAX_DELIVERIES")
+    await _age(store, old_poison, 31)
+    old_entry = await _dead_letter(rds, settings, "MAX_DELIVERIES", old_poison)
+    new_entry = await _dead_letter(rds, settings, "MAX_DELIVERIES", new_poison)
+    junk = await _dead_letter(rds, settings, "MALFORMED_MESSAGE", None)
+    assert await _problems(store, rds, settings) == []
+    totals = await ops.prune(store, 30 * 86400, consumer=_consumer(settings, rds))
+    assert (totals["jobs"], totals["dead_letters"]) == (1, 1)
+    left = [e["id"] for e in await ops.dlq_list(_consumer(settings, rds), 10)]
+    assert old_entry not in left and left == [new_entry, junk]
+    assert await _problems(store, rds, settings) == []  # the full check, not --allow-active

@@ -1,27 +1,37 @@
-"""The container runner: report parsing (pure), the sandbox configuration, and `Runner` against
-a fake daemon whose calls can hang (no Docker needed)."""
+"""The container runner: report parsing (pure), the sandbox configuration, `Runner` against a
+fake daemon whose calls can hang (no Docker needed), and the warm path against the real Docker
+(the URL on stdin, the stdout cap, the timeout kill, removal, never a second use, takeover)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+import aiodocker
 import orjson
 import pytest
+from aiodocker.stream import Message
 
 from safeurl_worker import runner as runner_mod
-from safeurl_worker.config import load_settings
+from safeurl_worker.config import Settings, load_settings
 from safeurl_worker.runner import (
     LABEL_JOB,
     LABEL_WORKER,
+    WARM_PREFIX,
     DockerUnavailable,
     Runner,
     RunStatus,
     container_config,
     parse_report,
 )
+
+from .conftest import FETCHER_IMAGE, TestNet, _derived_image, docker
 
 GOOD = {"fetcher_version": "1.0", "requested_url": "http://a.test/", "final_url": "http://a.test/",
         "http_status": 200, "body_size": 3, "error": None}
@@ -70,16 +80,94 @@ def test_sandbox_settings() -> None:
     assert not any("s3cret" in e for e in c["Env"])
 
 
+def test_stdin_form_differs_from_the_docker_run_form_only_in_how_the_url_arrives() -> None:
+    s = load_settings(fetcher_network="none")
+    job = uuid.uuid4()
+    argv, warm, cold = (container_config(s, job, "http://a.test/"), container_config(s, None),
+                        container_config(s, job))
+    url_keys = {"Cmd", "AttachStdin", "AttachStdout", "OpenStdin", "StdinOnce", "Labels"}
+    for form in (warm, cold):
+        assert {k: v for k, v in form.items() if k not in url_keys} == \
+            {k: v for k, v in argv.items() if k not in url_keys}  # every sandbox setting
+        assert form["Cmd"] == [] and form["OpenStdin"] and form["StdinOnce"]
+        assert form["AttachStdin"] and form["AttachStdout"] and not form["AttachStderr"]
+    assert not argv["OpenStdin"] and not argv["AttachStdout"]
+    assert warm["Labels"] == {LABEL_JOB: "", LABEL_WORKER: s.worker_id}  # no job yet
+    assert cold["Labels"] == argv["Labels"] == {LABEL_JOB: str(job), LABEL_WORKER: s.worker_id}
+
+
 # --- Runner against a fake daemon: every Docker call is bounded, a hung daemon is not a TIMEOUT ---
 
 STARTED = "2024-05-01T12:00:00.000000001Z"
 NOT_FINISHED = "0001-01-01T00:00:00Z"
 
 
+class FakeTransport:
+    def __init__(self, daemon: FakeDaemon) -> None:
+        self.daemon = daemon
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def is_closing(self) -> bool:
+        return self.daemon.stream_broken
+
+    def write_eof(self) -> None:
+        self.daemon.calls.append("stdin-eof")
+
+
+class FakeStream:
+    """aiodocker's attach Stream: stdin recorded, stdout from `daemon.stdout`."""
+
+    def __init__(self, daemon: FakeDaemon) -> None:
+        self.daemon = daemon
+        conn = type("Conn", (), {"transport": FakeTransport(daemon)})()
+        self._resp = type("Resp", (), {"connection": conn})()
+        self._chunks = iter(daemon.stdout)
+
+    async def __aenter__(self) -> FakeStream:
+        await self.daemon._answer("attach")
+        return self
+
+    async def write_in(self, data: bytes) -> None:
+        self.daemon.stdin += data
+
+    async def read_out(self) -> Message | None:
+        d = self.daemon
+        await d.started.wait()  # nothing comes out before start
+        chunk = next(self._chunks, None)
+        if chunk is not None:
+            d.chunks_read += 1
+            return Message(1, chunk.encode())
+        await d._answer("log")  # end of stream, or a stream that stalls
+        return None
+
+    async def close(self) -> None:
+        self.daemon.log_closed = True
+
+
+class FakeEvents:
+    """docker.events: a `die` event for the container as it starts, if `daemon.die_code`."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def subscribe(self, *, filters: str) -> FakeEvents:
+        assert json.loads(filters)["event"] == ["die"]
+        return self
+
+    async def get(self) -> dict[str, Any] | None:
+        return await self.queue.get()
+
+    async def stop(self) -> None:
+        pass
+
+
 class FakeDaemon:
-    """The aiodocker surface the runner uses (docker.version, docker.containers.create/list and
-    one container's start/wait/show/log/kill/delete). A call named in `hang` never answers, as
-    with a SIGSTOPped dockerd; every call is recorded in `calls` before it answers or hangs."""
+    """The aiodocker surface the runner uses (docker.version, docker.images.inspect,
+    docker.containers.create/list and one container's rename/attach/start/wait/show/kill/delete).
+    A call named in `hang` never answers, as with a SIGSTOPped dockerd; every call is recorded in
+    `calls` before it answers or hangs."""
 
     def __init__(self, *, hang: set[str] | None = None, exit_code: int = 0,
                  state: dict[str, Any] | None = None, stdout: list[str] | None = None) -> None:
@@ -88,11 +176,19 @@ class FakeDaemon:
         self.state = state or {"Running": True, "StartedAt": STARTED, "FinishedAt": NOT_FINISHED}
         self.stdout = [orjson.dumps(GOOD).decode()] if stdout is None else stdout
         self.calls: list[str] = []
+        self.stdin = b""
+        self.names: list[str] = []
+        self.image_id = "sha256:one"
         self.chunks_read = 0
         self.log_closed = False
-        self.deleted = False
+        self.deleted = 0
+        self.started = asyncio.Event()
         self.waiting = asyncio.Event()  # wait() was called: the container is running
         self.containers = self  # docker.containers.create / .list
+        self.images = self  # docker.images.inspect
+        self.events = FakeEvents()
+        self.die_code: int | None = None
+        self.stream_broken = False
         self.id = "fake-container"
 
     async def _answer(self, name: str) -> None:
@@ -104,8 +200,13 @@ class FakeDaemon:
         await self._answer("version")
         return {"Version": "fake"}
 
+    async def inspect(self, name: str) -> dict[str, Any]:
+        await self._answer("image")
+        return {"Id": self.image_id}
+
     async def create(self, *, config: dict[str, Any], name: str) -> FakeDaemon:
         await self._answer("create")
+        self.names.append(name)
         return self  # the daemon doubles as its single container
 
     def container(self, name: str) -> FakeDaemon:
@@ -116,8 +217,20 @@ class FakeDaemon:
         await self._answer("list")
         return []
 
+    async def rename(self, name: str) -> None:
+        await self._answer("rename")
+        self.names.append(name)
+
+    def attach(self, *, stdin: bool, stdout: bool, stderr: bool) -> FakeStream:
+        assert stdin and stdout and not stderr
+        return FakeStream(self)
+
     async def start(self) -> None:
         await self._answer("start")
+        self.started.set()
+        if self.die_code is not None:
+            attributes = {"exitCode": str(self.die_code)}
+            self.events.queue.put_nowait({"id": self.id, "Actor": {"Attributes": attributes}})
 
     async def wait(self) -> dict[str, Any]:
         self.waiting.set()
@@ -126,17 +239,7 @@ class FakeDaemon:
 
     async def show(self) -> dict[str, Any]:
         await self._answer("show")
-        return {"State": self.state}
-
-    async def log(self, *, stdout: bool, follow: bool) -> AsyncIterator[str]:
-        assert stdout and follow
-        try:
-            for chunk in self.stdout:
-                self.chunks_read += 1
-                yield chunk
-            await self._answer("log")  # end of stream, or a stream that stalls
-        finally:
-            self.log_closed = True
+        return {"State": self.state, "Image": self.image_id}
 
     async def kill(self) -> None:
         await self._answer("kill")
@@ -144,7 +247,7 @@ class FakeDaemon:
     async def delete(self, *, force: bool) -> None:
         assert force
         await self._answer("delete")
-        self.deleted = True
+        self.deleted += 1
 
 
 @pytest.fixture
@@ -153,17 +256,26 @@ def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner_mod, "_PROBE_TIMEOUT", 0.1)
 
 
-def make_runner(daemon: FakeDaemon) -> Runner:
+def make_runner(daemon: FakeDaemon, **overrides: Any) -> Runner:
     # The container timeout's lower bound (1 s) is the shortest run these tests can judge.
-    settings = load_settings(container_timeout_ms=1000, container_output_max_bytes=4096)
+    settings = load_settings(container_timeout_ms=1000, container_output_max_bytes=4096,
+                             **overrides)
     return Runner(settings, cast(Any, daemon))
+
+
+async def run_settled(runner: Runner, url: str = "http://a.test/") -> runner_mod.RunResult:
+    """A run, then its background removal finished."""
+    try:
+        return await runner.run(uuid.uuid4(), url)
+    finally:
+        await runner.settle()
 
 
 @pytest.mark.usefixtures("fast_timeouts")
 async def test_hung_daemon_during_wait_is_docker_unavailable_not_timeout() -> None:
     daemon = FakeDaemon(hang={"wait", "show", "kill", "delete"})
     with pytest.raises(DockerUnavailable, match="daemon does not answer"):
-        await make_runner(daemon).run(uuid.uuid4(), "http://a.test/")
+        await run_settled(make_runner(daemon))
     assert "kill" not in daemon.calls  # nothing was judged, so nothing was killed
     assert "delete" in daemon.calls  # attempted; the janitor removes it if the daemon stays hung
 
@@ -171,7 +283,7 @@ async def test_hung_daemon_during_wait_is_docker_unavailable_not_timeout() -> No
 @pytest.mark.usefixtures("fast_timeouts")
 async def test_overrun_with_responsive_daemon_is_timeout_and_killed() -> None:
     daemon = FakeDaemon(hang={"wait"})
-    result = await make_runner(daemon).run(uuid.uuid4(), "http://a.test/")
+    result = await run_settled(make_runner(daemon))
     assert result.status is RunStatus.TIMEOUT
     assert daemon.calls[-3:] == ["show", "kill", "delete"] and daemon.deleted
 
@@ -185,44 +297,50 @@ async def test_exit_hidden_by_slow_daemon_is_judged_by_container_run_time(
         finished: str, status: RunStatus) -> None:
     daemon = FakeDaemon(hang={"wait"}, state={"Running": False, "ExitCode": 0,
                                               "StartedAt": STARTED, "FinishedAt": finished})
-    result = await make_runner(daemon).run(uuid.uuid4(), "http://a.test/")
+    result = await run_settled(make_runner(daemon))
     assert result.status is status, result.detail
     assert ("kill" in daemon.calls) is (status is RunStatus.TIMEOUT)
     assert daemon.deleted
 
 
 @pytest.mark.usefixtures("fast_timeouts")
-async def test_hung_log_stream_is_docker_unavailable_not_output_invalid() -> None:
+async def test_hung_stdout_stream_is_docker_unavailable_not_output_invalid() -> None:
     daemon = FakeDaemon(hang={"log"})  # one chunk of the report, then the stream stalls
     with pytest.raises(DockerUnavailable):
-        await make_runner(daemon).run(uuid.uuid4(), "http://a.test/")
+        await run_settled(make_runner(daemon))
     assert daemon.chunks_read == 1 and daemon.log_closed
     assert daemon.deleted
 
 
 @pytest.mark.usefixtures("fast_timeouts")
 async def test_stdout_read_stops_one_chunk_past_the_cap() -> None:
-    daemon = FakeDaemon(stdout=["x" * 1000] * 50)
-    result = await make_runner(daemon).run(uuid.uuid4(), "http://a.test/")
+    daemon = FakeDaemon(stdout=["x" * 1000] * 50, hang={"wait"})  # still running when over
+    t0 = time.monotonic()
+    result = await run_settled(make_runner(daemon))
     assert result.status is RunStatus.OUTPUT_INVALID and "over 4096" in result.detail
     assert daemon.chunks_read == 5 and daemon.log_closed  # 5000 bytes > cap; rest never read
-    assert daemon.deleted
+    assert "kill" in daemon.calls and daemon.deleted  # killed at once, not at the timeout
+    assert time.monotonic() - t0 < 0.9
 
 
 @pytest.mark.usefixtures("fast_timeouts")
-async def test_successful_run_reads_report_and_deletes() -> None:
+async def test_successful_run_sends_the_url_on_stdin_reads_report_and_deletes() -> None:
     daemon = FakeDaemon()
-    result = await make_runner(daemon).run(uuid.uuid4(), "http://a.test/")
+    result = await run_settled(make_runner(daemon), "http://a.test/x\r\n")
     assert result.status is RunStatus.OK and result.report is not None
-    assert daemon.calls == ["create", "start", "wait", "log", "delete"] and daemon.deleted
+    # Attached and stdin closed before start: nothing of stdout is missed, the URL is waiting.
+    assert daemon.calls[:4] == ["create", "attach", "stdin-eof", "start"]
+    assert sorted(daemon.calls[4:]) == ["delete", "log", "wait"]  # read while waiting
+    assert daemon.stdin == b"http://a.test/x\n"  # exactly one line
+    assert daemon.deleted and daemon.log_closed
 
 
 @pytest.mark.usefixtures("fast_timeouts")
-@pytest.mark.parametrize("call", ["create", "start"])
-async def test_hung_create_or_start_is_docker_unavailable(call: str) -> None:
+@pytest.mark.parametrize("call", ["create", "attach", "start"])
+async def test_hung_create_attach_or_start_is_docker_unavailable(call: str) -> None:
     daemon = FakeDaemon(hang={call})
     with pytest.raises(DockerUnavailable):
-        await make_runner(daemon).run(uuid.uuid4(), "http://a.test/")
+        await run_settled(make_runner(daemon))
     # The container always goes: after a create that got no answer, by its own name (the
     # daemon may have made it).
     assert daemon.deleted
@@ -245,11 +363,13 @@ async def test_hung_daemon_fails_ping() -> None:
 @pytest.mark.usefixtures("fast_timeouts")
 async def test_cancelled_run_still_deletes_its_container() -> None:
     daemon = FakeDaemon(hang={"wait"})
-    task = asyncio.create_task(make_runner(daemon).run(uuid.uuid4(), "http://a.test/"))
+    runner = make_runner(daemon)
+    task = asyncio.create_task(runner.run(uuid.uuid4(), "http://a.test/"))
     await daemon.waiting.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await runner.settle()
     assert daemon.deleted
 
 
@@ -257,14 +377,343 @@ async def test_cancelled_run_still_deletes_its_container() -> None:
 async def test_container_that_could_not_be_removed_is_removed_by_the_next_run() -> None:
     daemon = FakeDaemon(hang={"delete"})  # Docker stops answering as the scan ends
     runner = make_runner(daemon)
-    await runner.run(uuid.uuid4(), "http://a.test/")
+    await run_settled(runner)
     assert not daemon.deleted
     daemon.hang = set()  # Docker is back
     daemon.calls.clear()
-    await runner.run(uuid.uuid4(), "http://a.test/")
-    # The leftover goes first, by its own id (a handle, no label search), then the new run.
-    assert daemon.calls[:3] == ["container", "delete", "create"]
-    assert daemon.deleted
+    await run_settled(runner)
+    # The leftover goes by its own id (a handle, no label search), beside the new run.
+    assert daemon.calls[0] == "container" and "create" in daemon.calls
+    assert daemon.deleted == 2
+
+
+# --- the warm pool, on the fake daemon ------------------------------------------------------
+
+async def until(cond: Callable[[], bool], timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {timeout}s")
+
+
+@contextlib.asynccontextmanager
+async def warm_pool(runner: Runner, n: int = 1) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(runner.keep_warm())
+    try:
+        await until(lambda: len(runner._warm) >= n)
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+async def test_warm_container_is_renamed_for_its_job_before_it_starts() -> None:
+    daemon = FakeDaemon()
+    runner = make_runner(daemon, worker_concurrency=1)
+    async with warm_pool(runner):
+        assert daemon.names[0].startswith(WARM_PREFIX)
+        daemon.calls.clear()
+        job = uuid.uuid4()
+        result = await runner.run(job, "http://a.test/")
+        await runner.settle()
+        assert result.status is RunStatus.OK
+        assert daemon.names[1].startswith(f"safeurl-{job}-")
+        # Renamed first, then started; the only create is the pool's next container (every
+        # slot busy: one is made for the next job meanwhile).
+        assert daemon.calls[0] == "rename" and daemon.calls.count("create") == 1
+        assert daemon.calls.index("rename") < daemon.calls.index("start")
+        assert daemon.names[2].startswith(WARM_PREFIX)
+    assert runner._warm == []
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+@pytest.mark.parametrize("change", ["image", "settings", "rename fails"])
+async def test_unusable_warm_container_falls_back_to_create_at_job_time(change: str) -> None:
+    daemon = FakeDaemon()
+    runner = make_runner(daemon, worker_concurrency=1)
+    async with warm_pool(runner):
+        daemon.calls.clear()
+        if change == "image":
+            daemon.image_id = "sha256:two"  # FETCHER_IMAGE was re-tagged
+        elif change == "settings":
+            runner.settings = load_settings(container_timeout_ms=1000,
+                                            container_output_max_bytes=8192,
+                                            worker_concurrency=1)
+        else:
+            daemon.hang = {"rename"}
+        result = await runner.run(uuid.uuid4(), "http://a.test/")
+        await runner.settle()
+        assert result.status is RunStatus.OK
+        i = daemon.calls.index("create")
+        assert daemon.calls.index("rename") < i < daemon.calls.index("start")
+        assert daemon.deleted >= 2  # the unused warm one, and the job's
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+@pytest.mark.parametrize("code", [0, 3])
+async def test_die_event_gives_the_exit_code_before_wait_answers(code: int) -> None:
+    # `wait` answers only once the daemon released the container's network and mounts; the
+    # `die` event carries the same exit code earlier.
+    daemon = FakeDaemon(hang={"wait"})
+    daemon.die_code = code
+    runner = make_runner(daemon, worker_concurrency=1)
+    async with warm_pool(runner):
+        result = await runner.run(uuid.uuid4(), "http://a.test/")
+    assert result.status is (RunStatus.OK if code == 0 else RunStatus.CRASHED)
+    assert result.seconds < 0.9 and "kill" not in daemon.calls  # no timeout involved
+    assert runner._exits == {}
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+async def test_started_ahead_container_gets_its_url_and_is_not_started_again() -> None:
+    daemon = FakeDaemon()
+    runner = make_runner(daemon, worker_concurrency=2, warm_start=True)
+    async with warm_pool(runner, 2):
+        assert daemon.calls[:4] == ["create", "show", "attach", "start"]  # made, started
+        daemon.calls.clear()
+        result = await runner.run(uuid.uuid4(), "http://a.test/")
+        await runner.settle()
+    assert result.status is RunStatus.OK
+    calls = [c for c in daemon.calls if c != "image"]  # the pool checks the image too
+    assert calls[:2] == ["rename", "stdin-eof"]  # named for its job before it has the URL
+    run = daemon.calls[:daemon.calls.index("wait")]  # (the pool refills afterwards)
+    assert "start" not in run and "create" not in run
+    assert daemon.stdin == b"http://a.test/\n"
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+@pytest.mark.parametrize("broken", ["died", "stream"])
+async def test_started_ahead_container_that_died_waiting_is_not_used(broken: str) -> None:
+    daemon = FakeDaemon()
+    runner = make_runner(daemon, worker_concurrency=2, warm_start=True)
+    async with warm_pool(runner, 2):
+        if broken == "died":
+            runner._exits[daemon.id].set_result(137)  # e.g. killed while it waited
+        else:
+            daemon.stream_broken = True  # the daemon restarted: our attach stream is gone
+        daemon.calls.clear()
+        result = await runner.run(uuid.uuid4(), "http://a.test/")
+        await runner.settle()
+    assert result.status is RunStatus.OK
+    assert daemon.calls.index("rename") < daemon.calls.index("create") < daemon.calls.index(
+        "start")  # discarded; a container made for the job ran it
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+async def test_warm_containers_are_recycled_well_before_the_orphan_age() -> None:
+    daemon = FakeDaemon()
+    runner = make_runner(daemon, worker_concurrency=1)
+    # A live worker's warm containers never reach the age at which the janitor takes them
+    # for a dead worker's.
+    assert runner.warm_max_age_s <= runner_mod.orphan_age_s(runner.settings) / 2
+    runner.warm_max_age_s = 0.2
+    async with warm_pool(runner):
+        first = runner._warm[0].made
+        await until(lambda: bool(runner._warm) and runner._warm[0].made > first, timeout=3)
+        await runner.settle()
+        assert daemon.deleted >= 1  # the old one went
+
+
+# --- the warm path against the real Docker --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sleeper_image() -> str:
+    """Reads its line from stdin, then runs until killed."""
+    return _derived_image("safeurl-test-sleeper:latest", '["python3", "-c", '
+                          '"import sys, time; sys.stdin.readline(); time.sleep(120)"]')
+
+
+@pytest.fixture(scope="module")
+def flood_image() -> str:
+    """Writes 8 MiB to stdout, then runs until killed."""
+    return _derived_image("safeurl-test-flood:latest", '["python3", "-c", '
+                          '"import sys, time; sys.stdout.write(\\"x\\" * (8 << 20)); '
+                          'sys.stdout.flush(); time.sleep(120)"]')
+
+
+def real_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "fetcher_image": FETCHER_IMAGE, "fetcher_network": "none", "worker_concurrency": 2,
+        "worker_id": f"w-runner-{uuid.uuid4().hex[:8]}", "container_timeout_ms": 30000}
+    return Settings(**{**base, **overrides})
+
+
+def net_settings(testnet: TestNet, **overrides: Any) -> Settings:
+    return real_settings(fetcher_network=testnet.name, fetch_allow_cidrs=testnet.subnet,
+                         fetch_allowed_ports="80", **overrides)
+
+
+def containers_of(settings: Settings, *filters: str) -> list[str]:
+    args = ["ps", "-aq", "--no-trunc", "--filter", f"label={LABEL_WORKER}={settings.worker_id}"]
+    for f in filters:
+        args += ["--filter", f]
+    return docker(*args).split()
+
+
+def inspect(cid: str) -> dict[str, Any] | None:
+    out = docker("inspect", cid, check=False)
+    data: list[dict[str, Any]] = json.loads(out or "[]")
+    return data[0] if data else None
+
+
+def forbid_cold_create(runner: Runner) -> None:
+    """Fail the run if the warm path falls back to creating a container for the job."""
+
+    async def no_cold_create(job_id: uuid.UUID) -> None:
+        raise AssertionError("the warm path fell back to creating a container")
+
+    runner._create = no_cold_create  # type: ignore[method-assign,assignment]
+
+
+@contextlib.asynccontextmanager
+async def real_runner(settings: Settings) -> AsyncIterator[Runner]:
+    client = aiodocker.Docker(url="unix:///var/run/docker.sock")
+    runner = Runner(settings, client)
+    try:
+        yield runner
+    finally:
+        await runner.settle()
+        await client.close()
+        if left := containers_of(settings):  # a failed test leaves nothing behind
+            docker("rm", "-f", *left, check=False)
+
+
+@pytest.mark.integration
+async def test_warm_containers_get_the_url_on_stdin_serve_once_and_go(testnet: TestNet) -> None:
+    settings = net_settings(testnet)
+    async with real_runner(settings) as runner:
+
+        forbid_cold_create(runner)
+        async with warm_pool(runner, 2):
+            before = {w.container.id for w in runner._warm}
+            info = inspect(next(iter(before)))
+            assert info is not None and info["State"]["Status"] == "created"
+            assert info["Name"].startswith(f"/{WARM_PREFIX}") and not info["Config"]["Cmd"]
+            assert info["Config"]["OpenStdin"] and info["Config"]["StdinOnce"]
+            used: list[str] = []
+            for path in ("/", "/about"):
+                pool = {w.container.id for w in runner._warm}
+                result = await runner.run(uuid.uuid4(), f"http://site-a.test{path}")
+                assert result.status is RunStatus.OK, result.detail
+                assert result.report is not None  # the URL came on stdin: no Cmd
+                assert result.report.requested_url == f"http://site-a.test{path}"
+                assert result.report.http_status == 200
+                taken = pool - {w.container.id for w in runner._warm}
+                assert len(taken) == 1  # a warm one ran it, and left the pool for good
+                used += taken
+                await runner.settle()
+                assert inspect(used[-1]) is None  # removed
+            assert len(set(used)) == 2 and set(used) <= before
+            await until(lambda: len(runner._warm) == 2)  # refilled
+        assert containers_of(settings) == []  # shutdown removes the warm ones
+
+
+@pytest.mark.integration
+async def test_stdout_over_the_cap_is_invalid_and_killed_at_once(flood_image: str) -> None:
+    settings = real_settings(fetcher_image=flood_image, container_output_max_bytes=4096)
+    async with real_runner(settings) as runner, warm_pool(runner, 1):
+        t0 = time.monotonic()
+        result = await runner.run(uuid.uuid4(), "http://a.test/")
+        assert result.status is RunStatus.OUTPUT_INVALID and "over 4096" in result.detail
+        assert time.monotonic() - t0 < 15  # killed at the cap, not at the 30 s timeout
+        await runner.settle()
+        assert containers_of(settings, f"name=safeurl-{uuid.UUID(int=0)}") == []
+
+
+@pytest.mark.integration
+async def test_warm_container_past_the_timeout_is_killed_and_removed(sleeper_image: str) -> None:
+    settings = real_settings(fetcher_image=sleeper_image, container_timeout_ms=1000)
+    async with real_runner(settings) as runner, warm_pool(runner, 2):
+        job = uuid.uuid4()
+        result = await runner.run(job, "http://a.test/")
+        assert result.status is RunStatus.TIMEOUT and result.seconds < 10
+        await runner.settle()
+        assert containers_of(settings, f"name=safeurl-{job}-") == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("warm_start", [False, True])
+async def test_remove_labelled_finds_the_running_warm_started_container_of_a_job(
+        sleeper_image: str, warm_start: bool) -> None:
+    settings = real_settings(fetcher_image=sleeper_image, warm_start=warm_start)
+    async with real_runner(settings) as runner, warm_pool(runner, 2):
+        job = uuid.uuid4()
+        run = asyncio.create_task(runner.run(job, "http://a.test/"))
+        await until(lambda: bool(containers_of(settings, f"name=safeurl-{job}-",
+                                               "status=running")))
+        running = containers_of(settings, f"name=safeurl-{job}-")
+        await asyncio.sleep(0.3)  # started ahead: the URL is being written
+        assert inspect(running[0])["Config"]["Labels"][LABEL_JOB] == ""  # type: ignore[index]
+        # Another replica taking the job over: by the job's id alone.
+        async with real_runner(real_settings()) as new_owner:
+            assert await new_owner.remove_labelled(uuid.uuid4()) == 0  # nobody else's
+            assert await new_owner.remove_labelled(job) == 1
+        assert inspect(running[0]) is None
+        with contextlib.suppress(DockerUnavailable):
+            result = await asyncio.wait_for(run, 20)
+            assert result.status is not RunStatus.OK
+        await until(lambda: len(runner._warm) == 2)  # the pool is untouched, and refilled
+        assert all(inspect(w.container.id) for w in runner._warm)
+
+
+@pytest.mark.integration
+async def test_started_ahead_container_gets_the_url_and_its_limits_start_with_it(
+        testnet: TestNet) -> None:
+    # A 1 s limit, and the container waits 3 s for its job (past its own in-container alarm,
+    # 0.7 s + 2 s): neither counts that wait.
+    settings = net_settings(testnet, warm_start=True, container_timeout_ms=1000)
+    async with real_runner(settings) as runner, warm_pool(runner, 2):
+        forbid_cold_create(runner)
+        cid = runner._warm[0].container.id
+        assert inspect(cid)["State"]["Running"]  # type: ignore[index]
+        await asyncio.sleep(3)
+        result = await runner.run(uuid.uuid4(), "http://site-a.test/")
+        assert result.status is RunStatus.OK, result.detail
+        assert result.report is not None
+        assert result.report.requested_url == "http://site-a.test/"
+        await runner.settle()
+        assert inspect(cid) is None  # the one that ran it (the first in the pool) is gone
+
+
+@pytest.mark.integration
+async def test_started_ahead_warm_container_of_a_dead_worker_goes_by_start_time(
+        sleeper_image: str) -> None:
+    settings = real_settings(fetcher_image=sleeper_image, warm_start=True)
+    async with real_runner(settings) as dead, real_runner(real_settings()) as janitor:
+        await dead._make_warm()  # started, waiting for a URL; then its worker dies
+        cid = dead._warm[0].container.id
+        assert await janitor.remove_labelled(older_than_s=3) == 0  # not old yet
+        await asyncio.sleep(3.5)
+        assert await janitor.remove_labelled(older_than_s=3) == 1
+        assert inspect(cid) is None
+        for w in dead._warm:  # its connection, as the dead worker's process exit would
+            await w.stream.close()
+        dead._warm.clear()
+
+
+@pytest.mark.integration
+async def test_orphans_by_age_never_started_by_creation_and_started_by_start(
+        sleeper_image: str) -> None:
+    """A dead worker's warm containers go once older than the limit; a warm container that
+    waited that long and then started is a live scan, judged by its start."""
+    settings = real_settings(fetcher_image=sleeper_image, warm_containers=True)
+    async with real_runner(settings) as dead, real_runner(real_settings()) as janitor:
+        await dead._make_warm()  # and its worker dies: nobody removes it
+        await dead._make_warm()
+        orphans = [w.container.id for w in dead._warm]
+        await asyncio.sleep(3.5)
+        job = uuid.uuid4()
+        run = asyncio.create_task(dead.run(job, "http://a.test/"))  # takes one of the two
+        await until(lambda: bool(containers_of(settings, f"name=safeurl-{job}-",
+                                               "status=running")))
+        assert await janitor.remove_labelled(older_than_s=3) >= 1
+        left = [cid for cid in orphans if inspect(cid)]
+        assert len(left) == 1  # the never-started one went; the running one stays
+        assert inspect(left[0])["State"]["Running"]  # type: ignore[index]
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
 
 
 def test_fetcher_dns_servers_come_from_config() -> None:
@@ -272,3 +721,38 @@ def test_fetcher_dns_servers_come_from_config() -> None:
     hc = container_config(s, uuid.uuid4(), "http://a.test/")["HostConfig"]
     assert hc["Dns"] == ["192.0.2.53", "2001:db8::53"] and hc["DnsSearch"] == ["."]
     assert "FETCH_USER_AGENT=UA/1" in container_config(s, uuid.uuid4(), "http://a.test/")["Env"]
+
+
+# --- FETCHER_RUNTIME: the same sandbox under gVisor -----------------------------------------
+
+KERNEL_PROBE = "import os; print(os.uname().release)"
+
+
+@pytest.mark.integration
+async def test_fetcher_runtime_runs_the_scan_under_gvisor(testnet: TestNet) -> None:
+    """FETCHER_RUNTIME=runsc (registered by scripts/services.sh): a networked scan of a test
+    host completes through the worker's own runner, inside gVisor's kernel, not the host's."""
+    if '"runsc"' not in docker("info", "--format", "{{json .Runtimes}}"):
+        pytest.fail("the runsc runtime is not registered with dockerd (scripts/services.sh)")
+    settings = net_settings(testnet, fetcher_runtime="runsc")
+    cfg = container_config(settings, uuid.uuid4())
+    assert cfg["HostConfig"]["Runtime"] == "runsc"
+    assert "Runtime" not in container_config(net_settings(testnet), None)["HostConfig"]
+    async with real_runner(settings) as runner:
+        result = await runner.run(uuid.uuid4(), "http://site-a.test/")
+        assert result.status is RunStatus.OK, result.detail
+        assert result.report is not None and result.report.http_status == 200
+        # The same configuration with only the program swapped reports gVisor's kernel.
+        probe = await runner.docker.containers.create(
+            config={**cfg, "Entrypoint": ["python3", "-c", KERNEL_PROBE], "Cmd": [],
+                    "AttachStdin": False, "OpenStdin": False, "StdinOnce": False},
+            name=f"safeurl-runtime-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            await probe.start()
+            await asyncio.wait_for(probe.wait(), 60)
+            out = "".join(await probe.log(stdout=True)).split()
+            info = inspect(probe.id)
+        finally:
+            await probe.delete(force=True)
+    assert info is not None and info["HostConfig"]["Runtime"] == "runsc"
+    assert out and out[0] != os.uname().release, (out, os.uname().release)

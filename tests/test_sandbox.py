@@ -11,6 +11,7 @@ removed in a `finally`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import errno
 import ipaddress
@@ -25,7 +26,7 @@ import aiodocker
 import pytest
 
 from safeurl_worker.config import Settings
-from safeurl_worker.runner import LABEL_JOB, LABEL_WORKER, container_config
+from safeurl_worker.runner import LABEL_JOB, LABEL_WORKER, Runner, container_config
 
 from .conftest import FETCHER_IMAGE, TestNet, docker
 
@@ -163,15 +164,48 @@ print(json.dumps(me))
 """
 
 
+@contextlib.asynccontextmanager
+async def _running_fetcher(form: str, settings: Settings, job_id: uuid.UUID, url: str,
+                           client: aiodocker.Docker) -> AsyncIterator[Any]:
+    """A running fetcher for `url`: created from the `docker run IMAGE URL` form, or a warm
+    container the runner started for the job (the URL on stdin). Removed afterwards."""
+    if form == "docker-run":
+        container = await _create(client, container_config(settings, job_id, url))
+        try:
+            await container.start()
+            yield container
+        finally:
+            await _remove(container)
+        return
+    runner = Runner(settings, client)
+    pool = asyncio.create_task(runner.keep_warm())
+    for _ in range(300):
+        if runner._warm:
+            break
+        await asyncio.sleep(0.1)
+    run = asyncio.create_task(runner.run(job_id, url))
+    try:
+        for _ in range(300):
+            if cid := docker("ps", "-q", "--filter", f"name=safeurl-{job_id}-",
+                             "--filter", "status=running"):
+                break
+            await asyncio.sleep(0.1)
+        yield client.containers.container(cid)
+    finally:
+        for task in (run, pool):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.settle()
+
+
+@pytest.mark.parametrize("form", ["docker-run", "warm"])
 async def test_running_fetcher_container_is_locked_down(
-        testnet: TestNet, dockerc: aiodocker.Docker) -> None:
+        testnet: TestNet, dockerc: aiodocker.Docker, form: str) -> None:
     settings = sandbox_settings(testnet)
     job_id = uuid.uuid4()
     # /hang accepts and never answers; the fetch deadline (60 s) keeps the fetcher waiting.
-    config = container_config(settings, job_id, "http://site-a.test/hang")
-    container = await _create(dockerc, config)
-    try:
-        await container.start()
+    async with _running_fetcher(form, settings, job_id, "http://site-a.test/hang",
+                                dockerc) as container:
         info = _inspect(container.id)
         assert info["State"]["Running"] is True, info["State"]
         cfg, hc = info["Config"], info["HostConfig"]
@@ -193,9 +227,14 @@ async def test_running_fetcher_container_is_locked_down(
         assert hc["Init"] is True and hc["IpcMode"] == "private"
         assert hc["LogConfig"] == {"Type": "json-file",
                                    "Config": {"max-size": "4m", "max-file": "1"}}
-        assert cfg["Labels"][LABEL_JOB] == str(job_id)
         assert cfg["Labels"][LABEL_WORKER] == settings.worker_id
-        assert cfg["Cmd"] == ["http://site-a.test/hang"]
+        if form == "docker-run":
+            assert cfg["Labels"][LABEL_JOB] == str(job_id)
+            assert cfg["Cmd"] == ["http://site-a.test/hang"]
+        else:  # made before its job: no job label, no URL in argv; named for the job
+            assert cfg["Labels"][LABEL_JOB] == "" and not cfg["Cmd"]
+            assert info["Name"].startswith(f"/safeurl-{job_id}-")
+            assert cfg["OpenStdin"] and cfg["StdinOnce"] and not cfg["Tty"]
 
         # Env: the image's own defaults plus the FETCH_* limits, nothing else, no secret.
         image_env = set(json.loads(docker("image", "inspect", FETCHER_IMAGE,
@@ -243,9 +282,8 @@ async def test_running_fetcher_container_is_locked_down(
         domains = [w for line in out.splitlines() if line.startswith("search")
                    for w in line.split()[1:] if w != "."]
         assert domains == [], out
-    finally:
-        await _remove(container)
-    assert docker("ps", "-aq", "--filter", f"label={LABEL_JOB}={job_id}") == ""
+    assert docker("ps", "-aq", "--filter", f"name=safeurl-{job_id}-") == ""
+    assert docker("ps", "-aq", "--filter", f"label={LABEL_WORKER}={settings.worker_id}") == ""
 
 
 # --- host isolation -------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
 from safeurl_worker.models import Analysis, Report, State, Verdict
-from safeurl_worker.store import Store
+from safeurl_worker.store import Store, Submission
 
 pytestmark = pytest.mark.integration
 
@@ -78,3 +79,40 @@ async def test_complete_writes_result_and_audit_in_one_statement(store: Store) -
     assert await store.pool.fetchval("SELECT count(*) FROM scan_results") == 1
     assert await store.pool.fetchval(
         "SELECT array_agg(version ORDER BY version) FROM scan_audit_log") == [1, 2, 3]
+
+
+async def test_submit_job_is_idempotent_per_key(store: Store) -> None:
+    first = await store.submit_job(Submission(uuid.uuid4(), "http://a.test/", None, {"k": 1},
+                                              "static", "tok:key-1", "hash-a"))
+    assert first.created and first.state is State.QUEUED
+    again = await store.submit_job(Submission(uuid.uuid4(), "http://b.test/", None, None, None,
+                                              "tok:key-1", "hash-b"))
+    assert (again.id, again.created, again.request_hash) == (first.id, False, "hash-a")
+    # Without a key every submission is a job of its own.
+    plain = [await store.submit_job(Submission(uuid.uuid4(), "http://a.test/"))
+             for _ in range(2)]
+    assert all(p.created for p in plain) and plain[0].id != plain[1].id
+    assert await store.pool.fetchval("SELECT count(*) FROM scan_jobs") == 3
+
+
+async def test_the_outbox_works_on_api_created_tables_after_migrate(store: Store) -> None:
+    """Tables made by another API service gain the new columns and tables compatibly."""
+    await store.pool.execute("DROP TABLE scan_audit_log, scan_results, scan_jobs, "
+                             "scan_callbacks, scan_callback_attempts")
+    await store.pool.execute("""
+        CREATE TABLE scan_jobs (id uuid PRIMARY KEY, url text NOT NULL,
+          state text NOT NULL DEFAULT 'QUEUED', version integer NOT NULL DEFAULT 0,
+          attempts integer NOT NULL DEFAULT 0, worker_id text, error_code text,
+          error_message text, created_at timestamptz DEFAULT now(),
+          updated_at timestamptz DEFAULT now(), started_at timestamptz, finished_at timestamptz);
+        INSERT INTO scan_jobs (id, url) VALUES (gen_random_uuid(), 'http://old.test/');""")
+    await store.migrate()
+    old = await store.pool.fetchrow("SELECT callback_url, metadata, mode FROM scan_jobs")
+    assert old is not None and tuple(old) == (None, None, None)
+    job_id = await store.insert_job("http://a.test/")
+    await store.pool.execute("UPDATE scan_jobs SET callback_url = 'http://127.0.0.1:9/' "
+                             "WHERE id = $1", job_id)
+    job = await store.get_job(job_id)
+    assert job is not None
+    assert await store.transition(job, State.FAILED, worker_id="w", error_code="X") is not None
+    assert await store.pool.fetchval("SELECT count(*) FROM scan_callbacks") == 1
