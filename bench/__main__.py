@@ -6,6 +6,7 @@
   4. footprint: worker RSS and CPU per job at concurrency 50 (from part 1)
   5. scale-out: 1, 2 and 4 replicas on the no-op path, with the CPU split by process
   6. latency: submit -> terminal of one scan on an idle worker vs `docker run --rm` (latency.py)
+  7. render scans/s vs static scans/s at concurrency 1 and 4, through the worker (render.py)
 Every part runs its systems in alternating rounds (A B C A B C ...) and prints each figure, and
 each ratio (computed within a round), as `median (min-max)` over the rounds. Writes every round
 to docs/bench/results.json and the medians with their ranges to docs/bench/results.png.
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from . import competitors, latency
+from . import competitors, latency, render
 from .harness import alternate, cpu_by_role, percentile, ratios, show, spawn, summarize
 from .ours import enqueue, run_ours, running, start_worker, wait_completed
 
@@ -226,6 +227,26 @@ def part6(a: argparse.Namespace) -> dict[str, Any]:
                       for m in res["summary"] if m != "docker_run"}}
 
 
+# --- part 7 ---------------------------------------------------------------------------------
+
+def part7(a: argparse.Namespace) -> dict[str, Any]:
+    image = os.environ.get("BROWSER_IMAGE", "safeurl-browser:latest")
+    sh("docker", "image", "inspect", image)  # fails early, naming the missing image
+    host = render.RenderHost(sh, FETCHER_IMAGE)
+    levels = []
+    try:
+        for c in map(int, a.render_concurrency.split(",")):
+            n = a.render_scans * c
+            res = _rounds(a.rounds, {mode: functools.partial(
+                _sync, render.scan_rate, host, mode, n, c, a.redis_url)
+                for mode in ("static", "render")})
+            levels.append({"concurrency": c, "scans": n, **res,
+                           "ratio": ratios(res["rounds"], "render", "scans_per_s")["static"]})
+    finally:
+        host.stop()
+    return {"page": render.PAGE, "levels": levels}
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def table(res: dict[str, Any]) -> str:
@@ -273,6 +294,17 @@ def table(res: dict[str, Any]) -> str:
             ratio = show(p["ratio"][name], ".2f") if name in p["ratio"] else "-"
             lines.append("   " + "".join(f"{c:<{w}} " for c in (
                 name, show(s["p50_ms"]), show(s["p99_ms"]), ratio)))
+    if p := res.get("part7"):
+        lines.append(f"7. render vs static scans/s ({len(p['levels'][0]['rounds'])} rounds): "
+                     "median (min-max)")
+        lines.append("   " + "".join(f"{h:<{w}} " for h in (
+            "concurrency", "scans", "static/s", "render/s", "render/static", "render p50 s+queue")))
+        for lv in p["levels"]:
+            s = lv["summary"]
+            lines.append("   " + "".join(f"{c:<{w}} " for c in (
+                str(lv["concurrency"]), str(lv["scans"]), show(s["static"]["scans_per_s"], ".2f"),
+                show(s["render"]["scans_per_s"], ".2f"), show(lv["ratio"], ".2f"),
+                show(s["render"]["p50_s"], ".1f"))))
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -295,6 +327,11 @@ def chart(res: dict[str, Any], path: Path) -> None:
     if p := res.get("part5"):
         panels.append(("scale-out: no-op jobs/s by replicas", list(p["summary"]),
                        {"": [s["jobs_per_s"] for s in p["summary"].values()]}))
+    if p := res.get("part7"):
+        panels.append(("render vs static scans/s by concurrency",
+                       [str(lv["concurrency"]) for lv in p["levels"]],
+                       {mode: [lv["summary"][mode]["scans_per_s"] for lv in p["levels"]]
+                        for mode in ("static", "render")}))
     if p := res.get("part6"):
         panels.append(("latency: p50 ms, submit -> terminal", list(p["summary"]),
                        {"": [s["p50_ms"] for s in p["summary"].values()]}))
@@ -327,7 +364,10 @@ def main() -> None:
     ap.add_argument("--container-concurrency", default="1,4,8")
     ap.add_argument("--latency-scans", type=int, default=20, help="part 6 scans per round")
     ap.add_argument("--replicas", default="1,2,4")
-    ap.add_argument("--parts", default="1,2,3,5,6")
+    ap.add_argument("--render-scans", type=int, default=3,
+                    help="part 7 scans per round, per unit of concurrency")
+    ap.add_argument("--render-concurrency", default="1,4")
+    ap.add_argument("--parts", default="1,2,3,5,6,7")
     ap.add_argument("--systems", default="saq,arq,celery")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
@@ -343,7 +383,8 @@ def main() -> None:
         # Parts written before the rounds existed have no spread to show: not merged.
         res = {**{k: v for k, v in old.items() if not k.startswith("part")
                   or "summary" in v or "levels" in v}, **res}
-    for part, run in (("1", part1), ("2", part2), ("3", part3), ("5", part5), ("6", part6)):
+    for part, run in (("1", part1), ("2", part2), ("3", part3), ("5", part5), ("6", part6),
+                      ("7", part7)):
         if part in a.parts.split(","):
             res[f"part{part}"] = run(a)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Turn a fetcher report into a verdict: the registered rules (rules.py), each contributing
 weighted signals, and how much of the page was actually seen (confidence).
 
-Everything here is a pure function of (requested URL, report, blocklist, brand catalogue). The
+Everything here is a pure function of (requested URL, report, blocklist, brand catalogue, and for
+a render scan the static report of the same URL). The
 report is untrusted (it was produced next to hostile content), so every URL in it is parsed
 defensively: a URL that does not parse simply contributes nothing, it never raises.
 
@@ -104,9 +105,11 @@ def confidence(report: Report) -> float:
 def analyze(url: str, report: Report, *, blocklist: Blocklist | None = None,
             catalogue: Catalogue | None = None,
             suspicious_threshold: int = DEFAULT_SUSPICIOUS_THRESHOLD,
-            malicious_threshold: int = DEFAULT_MALICIOUS_THRESHOLD) -> Analysis:
+            malicious_threshold: int = DEFAULT_MALICIOUS_THRESHOLD,
+            static: Report | None = None) -> Analysis:
     """Score a report. `url` is the URL the job asked for (trusted, unlike report.requested_url);
-    `catalogue` is the worker's brand catalogue (the shipped one when None).
+    `catalogue` is the worker's brand catalogue (the shipped one when None). For a render scan
+    (`report.render`), `static` is the static fetch of the same URL, if it produced a report.
 
     score = min(100, sum of signal weights); malicious at >= malicious_threshold, suspicious at
     >= suspicious_threshold, else safe. A target that could not be fetched is `unknown` unless
@@ -117,7 +120,8 @@ def analyze(url: str, report: Report, *, blocklist: Blocklist | None = None,
     if not 1 <= suspicious_threshold < malicious_threshold <= MAX_SCORE:
         raise ValueError("thresholds must satisfy 1 <= suspicious < malicious <= 100")
     ctx = Context(url=url, report=report, blocklist=blocklist,
-                  catalogue=catalogue if catalogue is not None else shipped_catalogue())
+                  catalogue=catalogue if catalogue is not None else shipped_catalogue(),
+                  static=static)
     signals = [s for name, rule in RULES.items() for s in _run(name, rule, ctx)]
     score = _score(signals)
     verdict = _classify(score, suspicious_threshold, malicious_threshold)

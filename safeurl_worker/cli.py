@@ -4,7 +4,8 @@
   safeurl-worker api                 the HTTP API and the callback deliverer (docs/api.md)
   safeurl-worker migrate             create or update the schema (idempotent)
   safeurl-worker submit URL [--wait] insert a QUEUED job and XADD its id, as the API service does
-  safeurl-worker status [JOB_ID]     fleet status table (or --json); one job as JSON
+  safeurl-worker status [JOB_ID]     fleet status table (or --json); one job as JSON, with its
+                                     artifacts (--screenshot FILE writes a render's screenshot)
   safeurl-worker check               verify the delivery invariants
   safeurl-worker retry ...           re-queue FAILED/TIMED_OUT jobs
   safeurl-worker dlq list|replay|purge   the dead-letter stream
@@ -65,7 +66,8 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     async with store_for(settings) as store:
         consumer = consumer_for(settings)
         try:
-            got = await ops.submit_scan(store, consumer, Submission(uuid.uuid4(), args.url))
+            got = await ops.submit_scan(store, consumer,
+                                        Submission(uuid.uuid4(), args.url, mode=args.mode))
             job_id = got.id
             if not args.wait:
                 print(job_id)
@@ -109,6 +111,9 @@ async def _wait(store: Store, job_id: uuid.UUID, timeout: float, short: bool = F
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    if args.job_id is None and args.screenshot:
+        print("--screenshot needs a JOB_ID", file=sys.stderr)
+        return 2
     if args.job_id is None:
         async with store_for(settings) as store, redis_for(settings) as rds:
             st = await ops.fleet_status(store, rds, settings)
@@ -116,10 +121,18 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     async with store_for(settings) as store:
         view = await store.job_view(args.job_id)
-    if view is None:
-        print(f"no job {args.job_id}", file=sys.stderr)
-        return 1
+        if view is None:
+            print(f"no job {args.job_id}", file=sys.stderr)
+            return 1
+        saved = (await ops.save_artifact(store, args.job_id, "screenshot", args.screenshot)
+                 if args.screenshot else None)
     print(_json(view))
+    if args.screenshot and saved is None:
+        print(f"job {args.job_id} has no screenshot (not a completed render scan)",
+              file=sys.stderr)
+        return 1
+    if saved is not None:
+        print(f"wrote {saved[1]} bytes ({saved[0]}) to {args.screenshot}", file=sys.stderr)
     return 0
 
 
@@ -292,12 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait and print the result as JSON")
     s.add_argument("--timeout", type=float, default=120, help="seconds to wait (default 120)")
     s.add_argument("--brief", action="store_true", help="with --wait: a short summary, not JSON")
+    s.add_argument("--mode", choices=["static", "render"],
+                   help="scan mode (default: the worker's SCAN_MODE): render runs a browser")
     s.set_defaults(fn=cmd_submit)
     st = sub.add_parser("status", help="fleet status, or one job's row, result and audit trail",
                         epilog="examples: safeurl-worker status; safeurl-worker status --json; "
-                        "safeurl-worker status 3f2c8a4e-...")
+                        "safeurl-worker status 3f2c8a4e-...; "
+                        "safeurl-worker status 3f2c8a4e-... --screenshot shot.png")
     st.add_argument("job_id", type=_uuid, nargs="?")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--screenshot", metavar="FILE",
+                    help="with JOB_ID: write a render scan's screenshot (PNG/JPEG) to FILE")
     st.set_defaults(fn=cmd_status)
     c = sub.add_parser("check", help="verify the delivery invariants (exit 1 on a violation)",
                        epilog="example: safeurl-worker check --allow-active")

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import socket
 from functools import cached_property
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,6 +109,13 @@ class Settings(BaseSettings):
     # Counts threads: Chromium, its renderer, GPU and network processes and Playwright's driver
     # run ~130 for one page, so the fetcher's 64 would stop the browser from starting.
     browser_pids_limit: int = Field(default=256, ge=64)
+    # A render report carries screenshots and the DOM: its own stdout cap, passed to the image
+    # (RENDER_MAX_OUTPUT_BYTES) so the report fits under it by construction.
+    browser_output_max_bytes: int = Field(default=4 * 1024 * 1024, ge=65536, le=64 * 1024 * 1024)
+    # The mode of a job whose `scan_jobs.mode` is NULL: `static` (the fetcher) or `render`.
+    scan_mode: Literal["static", "render"] = "static"
+    # `suspicious`: a static scan whose verdict is not clean is scanned again rendered.
+    render_on: Literal["", "suspicious"] = ""
 
     # --- analysis ---
     blocklist_path: str = ""

@@ -351,6 +351,42 @@ class Consumer:
                                         justid=True)
         return len(ids)
 
+    # --- the dead-letter stream, for operators (ops.py: list, replay, purge, prune) ---------
+
+    async def dead_letters(self, after: str | None = None, count: int | None = None
+                           ) -> list[tuple[str, dict[str, str]]]:
+        """Dead letters oldest first: `count` of them after the entry id `after`, or (count
+        None) all of them, a page at a time (the stream is bounded by DEAD_LETTER_MAXLEN)."""
+        entries: list[tuple[str, dict[str, str]]] = []
+        start, page = (f"({after}" if after else "-"), count or 1000
+        while True:
+            async with self._talk():
+                batch: Any = await self.redis.xrange(self.dead_letter_stream, min=start,
+                                                     count=page)
+            entries += [(_s(eid), _decode(fields)) for eid, fields in batch]
+            if count is not None or len(batch) < page:
+                return entries
+            start = f"({entries[-1][0]}"  # exclusive: after the last entry read
+
+    async def dead_letter_entry(self, entry_id: str) -> dict[str, str] | None:
+        async with self._talk():
+            found: Any = await self.redis.xrange(self.dead_letter_stream, min=entry_id,
+                                                 max=entry_id)
+        return _decode(found[0][1]) if found else None
+
+    async def delete_dead_letters(self, entry_ids: list[str]) -> int:
+        if not entry_ids:
+            return 0
+        async with self._talk():
+            return int(await self.redis.xdel(self.dead_letter_stream, *entry_ids))
+
+    async def purge_dead_letters(self) -> int:
+        """Delete the whole dead-letter stream; returns how many entries it held."""
+        async with self._talk():
+            n = await self.redis.xlen(self.dead_letter_stream)
+            await self.redis.delete(self.dead_letter_stream)
+        return int(n)
+
     # --- the janitor's view of the stream -----------------------------------------------------
 
     async def enqueue(self, job_id: uuid.UUID) -> None:

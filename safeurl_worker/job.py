@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from .artifacts import Artifact
 from .errors import is_rejected_data, retrying
 from .models import Analysis, Job, Report, State
 from .store import Store
@@ -75,13 +76,15 @@ class OwnedJob:
                         detail={"error_code": code, **(detail or {})})
 
     async def complete(self, report: Report, result: Analysis,
-                       cached_from: uuid.UUID | None, url_key: str | None) -> None:
-        """ANALYZING -> COMPLETED with the result row, in one statement."""
+                       cached_from: uuid.UUID | None, url_key: str | None,
+                       artifacts: Sequence[Artifact] = ()) -> None:
+        """ANALYZING -> COMPLETED with the result row (and a render scan's artifacts), in one
+        statement."""
         op = _op_token()
         o = self.owner
         version = await self._write(lambda: o.store.complete(
             self.job, worker_id=o.worker_id, report=report, analysis=result, url_key=url_key,
-            cached_from=cached_from, detail={"op": op}))
+            cached_from=cached_from, detail={"op": op}, artifacts=artifacts))
         if version is None:
             await self._landed(op)
 

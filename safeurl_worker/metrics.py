@@ -35,7 +35,7 @@ class Metrics:
         self.jobs = Counter("safeurl_jobs", "Jobs this replica brought to a terminal state.",
                             ["outcome"], registry=r)
         self.stage = Histogram("safeurl_job_duration_seconds",
-                               "Time spent per stage (queue_wait, fetch, analyze, total).",
+                               "Time spent per stage (queue_wait, fetch, render, analyze, total).",
                                ["stage"], buckets=_STAGE_BUCKETS, registry=r)
         self.in_flight = Gauge("safeurl_jobs_in_flight", "Jobs this replica holds now.",
                                registry=r)

@@ -188,8 +188,160 @@ class Timings(_Strict):
     total_ms: float = Field(default=0, ge=0)
 
 
+# --- what only a browser sees (the browser image's `render` object, render/report.py) -------
+# Bounds follow the image's own (render/browse.py, render/proxy.py) with room to spare; a report
+# past them is OUTPUT_INVALID. Sizes, hashes and types the image states about its artifacts are
+# not trusted: the worker decodes and measures them itself (artifacts.py).
+
+Text = Annotated[str, StringConstraints(max_length=1024)]
+Tiny = Annotated[str, StringConstraints(max_length=64)]
+Ms = Annotated[float, Field(ge=0)]
+MAX_ARTIFACT_B64 = 64 * 1024 * 1024  # beyond any BROWSER_OUTPUT_MAX_BYTES (le=64 MiB)
+
+
+class RenderImage(_Strict):
+    type: Literal["image/png", "image/jpeg", "image/webp"]
+    width: int | None = Field(default=None, ge=0)
+    height: int | None = Field(default=None, ge=0)
+    size: int = Field(default=0, ge=0)
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    base64: Annotated[str, StringConstraints(max_length=MAX_ARTIFACT_B64)] | None = None
+
+
+class RenderHop(_Strict):
+    url: Url
+    location: Url
+    status: int | None = None
+    kind: Tiny  # http, meta, script, form, link, reload, other
+    at_ms: Ms | None = None
+
+
+class Initiator(_Strict):
+    type: Tiny = ""
+    url: Url | None = None
+
+
+class RenderRequest(_Strict):
+    url: Url
+    method: Annotated[str, StringConstraints(max_length=16)] = "GET"
+    type: Tiny = ""  # document, script, image, stylesheet, xhr, fetch, websocket, ...
+    navigation: bool = False  # a main-frame navigation
+    status: int | None = None
+    remote_address: Tiny | None = None
+    size: int | None = None
+    start_ms: Ms | None = None
+    duration_ms: float | None = None
+    initiator: Initiator | None = None
+    error: Text | None = None
+    refused: Text | None = None  # why the egress proxy refused it (never sent)
+    redirected_from: Url | None = None
+
+
+class Refusal(_Strict):
+    url: Url  # absolute URL, or host:port for a tunnel
+    method: Annotated[str, StringConstraints(max_length=16)] = ""
+    code: Code
+    reason: Text = ""
+    at_ms: Ms | None = None
+
+
+class RenderWebSocket(_Strict):
+    url: Url
+    error: Text | None = None
+    frames_sent: int = Field(default=0, ge=0)
+    frames_received: int = Field(default=0, ge=0)
+    refused: Text | None = None
+
+
+class ConsoleLine(_Strict):
+    type: Annotated[str, StringConstraints(max_length=16)] = ""
+    text: Text = ""
+    url: Text | None = None
+
+
+class Cookie(_Strict):
+    name: Label = ""
+    value: Label = ""
+    domain: Label = ""
+    path: Label = ""
+    expires: float | None = None
+    http_only: bool = False
+    secure: bool = False
+    same_site: Annotated[str, StringConstraints(max_length=16)] = ""
+
+
+class Download(_Strict):
+    url: Url
+    filename: Label = ""
+    size: int | None = Field(default=None, ge=0)
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    error: Text | None = None
+
+
+class Certificate(_Strict):
+    subject: Text = ""
+    issuer: Text = ""
+    sans: Annotated[list[Label], Field(max_length=100)] = []
+    not_before: Tiny | float | None = None
+    not_after: Tiny | float | None = None
+    age_days: float | None = None
+    serial: Annotated[str, StringConstraints(max_length=128)] | None = None
+    version: Tiny | None = None
+    error: Text | None = None
+
+
+class Favicon(_Strict):
+    url: Url
+    status: int | None = None
+    mmh3: int | None = None  # Shodan's http.favicon.hash
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    size: int = Field(default=0, ge=0)
+    error: Text | None = None
+
+
+class ProxyTarget(_Strict):
+    target: Url
+    address: Tiny | None = None
+    bytes_in: int = Field(default=0, ge=0)
+
+
+class ProxyStats(_Strict):
+    connections: int = Field(default=0, ge=0)
+    bytes_in: int = Field(default=0, ge=0)
+    targets: Annotated[list[ProxyTarget], Field(max_length=100)] = []
+
+
+class Render(_Strict):
+    """What the browser image adds to the fetcher's report (`report.render`)."""
+
+    browser: Tiny | None = None
+    phases: Annotated[dict[Tiny, float], Field(max_length=16)] = {}
+    navigation: Annotated[list[RenderHop], Field(max_length=500)] = []
+    requests: Annotated[list[RenderRequest], Field(max_length=500)] = []
+    refused: Annotated[list[Refusal], Field(max_length=500)] = []
+    websockets: Annotated[list[RenderWebSocket], Field(max_length=50)] = []
+    console: Annotated[list[ConsoleLine], Field(max_length=100)] = []
+    page_errors: Annotated[list[Text], Field(max_length=50)] = []
+    cookies: Annotated[list[Cookie], Field(max_length=100)] = []
+    downloads: Annotated[list[Download], Field(max_length=10)] = []
+    certificate: Certificate | None = None
+    favicon: Favicon | None = None
+    proxy: ProxyStats = ProxyStats()
+    screenshot: RenderImage | None = None
+    full_page: RenderImage | None = None
+    screenshot_problem: Text | None = None
+    dom: Annotated[str, StringConstraints(max_length=MAX_ARTIFACT_B64)] | None = None
+    dom_size: int = Field(default=0, ge=0)
+    dom_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    dom_truncated: bool = False
+    truncated: Annotated[dict[Tiny, Annotated[int, Field(ge=0)]], Field(max_length=64)] = {}
+    # Set by the worker, never by the image: the parts moved out of the stored report into
+    # `scan_artifacts` (screenshot, full_page, dom, requests).
+    stored_apart: Annotated[list[Tiny], Field(max_length=8)] = []
+
+
 class Report(_Strict):
-    """The one JSON object the fetcher prints on stdout."""
+    """The one JSON object the fetcher prints on stdout (the browser image: plus `render`)."""
 
     schema_version: Literal[1] = 1
     fetcher_version: Annotated[str, StringConstraints(max_length=32)]
@@ -215,6 +367,7 @@ class Report(_Strict):
     # (`{"features.images": 41, "headers": 3}`): a cut is visible, never OUTPUT_INVALID.
     truncated: Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
                               Annotated[int, Field(ge=0)]], Field(max_length=32)] = {}
+    render: Render | None = None  # a render scan's browser view (the browser image only)
 
 
 # --- rows -----------------------------------------------------------------------------------
@@ -235,6 +388,7 @@ class Job(BaseModel):
     created_at: datetime | None = None
     owner_token: str | None = None  # the process life of `worker_id` that owns the job
     faults: int = 0  # failures caused by the job itself (see docs/contract.md)
+    mode: str | None = None  # `static` / `render` (scan_jobs.mode); None: SCAN_MODE
 
 
 class Signal(BaseModel):

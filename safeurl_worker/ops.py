@@ -25,6 +25,25 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+# --- artifacts ----------------------------------------------------------------------------
+
+async def save_artifact(store: Store, job_id: uuid.UUID, kind: str, path: str
+                        ) -> tuple[str, int] | None:
+    """Write one stored artifact of a render scan (e.g. its screenshot) to `path`; returns
+    (content type, bytes written), or None when the job has no such artifact."""
+    found = await store.artifact_bytes(job_id, kind)
+    if found is None:
+        return None
+    content_type, data = found
+    await asyncio.to_thread(_write_file, path, data)
+    return content_type, len(data)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
 # --- invariants ---------------------------------------------------------------------------
 
 # Dead-letter reasons that also end the job FAILED with the reason as its error_code.
@@ -285,18 +304,12 @@ def bad_entry_ids(ids: list[str]) -> list[str]:
 async def dlq_list(consumer: Consumer, count: int, after: str | None = None
                    ) -> list[dict[str, str]]:
     """Up to `count` dead letters, oldest first; `after`: the id the previous page ended at."""
-    entries: Any = await consumer.redis.xrange(consumer.dead_letter_stream,
-                                               min=f"({after}" if after else "-", count=count)
-    return [{"id": _s(eid), **{_s(k): _s(v) for k, v in fields.items()}}
-            for eid, fields in entries]
+    return [{"id": eid, **fields} for eid, fields in await consumer.dead_letters(after, count)]
 
 
 async def dlq_entry(consumer: Consumer, entry_id: str) -> dict[str, str] | None:
-    found: Any = await consumer.redis.xrange(consumer.dead_letter_stream, min=entry_id,
-                                             max=entry_id)
-    if not found:
-        return None
-    return {"id": _s(found[0][0]), **{_s(k): _s(v) for k, v in found[0][1].items()}}
+    fields = await consumer.dead_letter_entry(entry_id)
+    return None if fields is None else {"id": entry_id, **fields}
 
 
 async def dlq_replay(store: Store, consumer: Consumer, ids: list[str],
@@ -305,13 +318,11 @@ async def dlq_replay(store: Store, consumer: Consumer, ids: list[str],
     """Send dead-lettered entries back to the stream; a FAILED job is first moved back to
     QUEUED (versioned, audited). Replayed entries leave the dead-letter stream."""
     replayed, problems = 0, []
-    dead = consumer.dead_letter_stream
     for i, eid in enumerate(ids, 1):
-        found: Any = await consumer.redis.xrange(dead, min=eid, max=eid)
-        if not found:
+        fields = await consumer.dead_letter_entry(eid)
+        if fields is None:
             problems.append(f"{eid}: no such dead-letter entry")
             continue
-        fields = {_s(k): _s(v) for k, v in found[0][1].items()}
         try:
             job_id = uuid.UUID(fields.get("job_id", ""))
         except ValueError:
@@ -325,7 +336,7 @@ async def dlq_replay(store: Store, consumer: Consumer, ids: list[str],
             await store.transition(job, State.QUEUED, worker_id=actor, reset_faults=True,
                                    detail={"dlq_replay": eid})
         await consumer.enqueue(job_id)
-        await consumer.redis.xdel(dead, eid)
+        await consumer.delete_dead_letters([eid])
         replayed += 1
         if progress:
             progress(i, len(ids))
@@ -334,14 +345,11 @@ async def dlq_replay(store: Store, consumer: Consumer, ids: list[str],
 
 async def dlq_purge(consumer: Consumer, ids: list[str], everything: bool = False) -> int:
     """Delete the named entries, or (only when asked explicitly) the whole stream."""
-    dead = consumer.dead_letter_stream
     if ids:
-        return int(await consumer.redis.xdel(dead, *ids))
+        return await consumer.delete_dead_letters(ids)
     if not everything:
         raise ValueError("name the entries to purge, or purge all of them explicitly")
-    n = await consumer.redis.xlen(dead) if await consumer.redis.exists(dead) else 0
-    await consumer.redis.delete(dead)
-    return int(n)
+    return await consumer.purge_dead_letters()
 
 
 # --- retention ------------------------------------------------------------------------------
@@ -378,12 +386,9 @@ async def prune(store: Store, older_than_s: float, *, consumer: Consumer | None 
 async def _drop_dead_letters_of(consumer: Consumer, job_ids: set[str]) -> int:
     """XDEL the MAX_DELIVERIES entries naming these (deleted) jobs; one pass over the bounded
     dead-letter stream."""
-    entries = await _read_stream(consumer.redis, consumer.dead_letter_stream)
-    doomed = [eid for eid, f in entries
+    doomed = [eid for eid, f in await consumer.dead_letters()
               if f.get("reason") == "MAX_DELIVERIES" and f.get("job_id") in job_ids]
-    if not doomed:
-        return 0
-    return int(await consumer.redis.xdel(consumer.dead_letter_stream, *doomed))
+    return await consumer.delete_dead_letters(doomed)
 
 
 async def prune_retained(store: Store, retention_days: float, consumer: Consumer | None = None,

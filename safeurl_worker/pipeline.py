@@ -4,6 +4,11 @@
     (waiting out Docker) -> analyse -> Completed / Failed / DeadLettered / Duplicate / SetAside
     / Released
 
+The scan mode (`scan_jobs.mode`, else SCAN_MODE): `static` runs the fetcher; `render` runs the
+fetcher and then the browser image, and judges the rendered report with the static one beside
+it (the render rules compare them). With RENDER_ON=suspicious a static scan whose verdict is
+not clean is scanned again rendered; if that render fails, the static result stands.
+
 The pipeline writes the non-terminal transitions (claim, takeover, retry, ANALYZING) through
 `OwnedJob`; the terminal write and the ack belong to `Worker.settle`, which receives the outcome.
 """
@@ -20,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 
-from . import analysis, urls
+from . import analysis, artifacts, urls
 from .blocklist import Blocklist
 from .brands import Catalogue
 from .config import Settings
@@ -29,7 +34,7 @@ from .fetcher import weburl
 from .job import Conflict, OwnedJob, Owner
 from .metrics import Metrics
 from .models import Analysis, Job, Report, State, StreamMessage, Verdict
-from .runner import ContainerRunner, DockerUnavailable, RunResult, RunStatus
+from .runner import ContainerRunner, DockerUnavailable, Mode, RunResult, RunStatus
 
 log = logging.getLogger("safeurl.pipeline")
 MAX_URL_LENGTH = 2048
@@ -43,9 +48,10 @@ class Completed:
     """Scanned and analysed: write COMPLETED with the result, then ack."""
 
     job: OwnedJob
-    report: Report
+    report: Report  # as stored: a render report without its artifacts' bytes
     result: Analysis
     cached_from: uuid.UUID | None = None
+    artifacts: tuple[artifacts.Artifact, ...] = ()  # stored with the result (scan_artifacts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,19 +246,33 @@ class Pipeline:
             return Failed(owned, State.FAILED, "INVALID_URL", problem)
         if job.attempts > 1:
             await self._remove_leftovers(job)
-        cached = await self._cached(owned)
+        mode = self.mode_of(job)
+        cached = await self._cached(owned, rendered=mode == "render")
         if cached is not None:
             return cached
-        result = await self._container(owned)
+        static = await self._scan(owned, "static")
+        if mode == "render" and not _refused(static):
+            # The static report goes beside the rendered one: the render rules compare them.
+            return await self._judge(owned, await self._scan(owned, "render"), static=static)
+        return await self._judge(owned, static, escalate=self.settings.render_on == "suspicious")
+
+    def mode_of(self, job: Job) -> Mode:
+        """The job's own mode, else SCAN_MODE (an unknown value is the default, too)."""
+        return "render" if (job.mode or self.settings.scan_mode) == "render" else "static"
+
+    async def _scan(self, owned: OwnedJob, mode: Mode) -> RunResult:
+        """One container run, again while it crashes and the job has faults left."""
+        result = await self._container(owned, mode)
         while result.status is RunStatus.CRASHED and \
                 owned.job.faults + 1 < self.settings.max_attempts:
             # The job crashed its container: a fault of its own; try again while it has any.
             await owned.move(State.FETCHING, add_attempt=True, add_fault=True,
-                             detail={"retry": result.detail})
-            result = await self._container(owned)
-        return await self._judge(owned, result)
+                             detail={"retry": result.detail, **_mode_detail(mode)})
+            result = await self._container(owned, mode)
+        return result
 
-    async def _judge(self, owned: OwnedJob, result: RunResult) -> Outcome:
+    async def _judge(self, owned: OwnedJob, result: RunResult, *,
+                     static: RunResult | None = None, escalate: bool = False) -> Outcome:
         if result.status is RunStatus.TIMEOUT:
             return Failed(owned, State.TIMED_OUT, "TIMEOUT", result.detail)
         if result.status is RunStatus.CRASHED:
@@ -260,28 +280,54 @@ class Pipeline:
         if result.status is RunStatus.OUTPUT_INVALID or result.report is None:
             return Failed(owned, State.FAILED, "OUTPUT_INVALID", result.detail)
         report = result.report
+        verdict = self._analyze(owned.job.url, report, static.report if static else None)
+        detail: dict[str, object] = {"mode": "render"} if report.render is not None else {}
+        if escalate and _worth_rendering(report, verdict):
+            rendered = await self._scan(owned, "render")
+            if rendered.status is RunStatus.OK and rendered.report is not None:
+                return await self._judge(owned, rendered, static=result)
+            # The static result stands: a render that failed is no reason to lose it.
+            detail = {"render_failed": f"{rendered.status.value}: {rendered.detail}"[:300]}
+        # A refused target is a failure, unless there is evidence against it: a public page
+        # that redirected to the refused address, or a blocklisted URL (sinkholed to 127.0.0.1);
+        # a rendered page that navigated on (by script too) was shown, and is judged.
+        if report.error and report.error.code == "BLOCKED_TARGET" and \
+                verdict.verdict is not Verdict.MALICIOUS and \
+                not (report.render is not None and report.render.navigation):
+            return Failed(owned, State.FAILED, "BLOCKED_TARGET", report.error.message)
+        if static is not None:
+            detail["static_verdict"] = self._static_verdict(owned.job.url, static)
+        await owned.move(State.ANALYZING, detail=detail)
+        stored, kept = artifacts.split(report, self.settings.browser_output_max_bytes)
+        return Completed(owned, stored, verdict, artifacts=tuple(kept))
+
+    def _analyze(self, url: str, report: Report, static: Report | None) -> Analysis:
         t0 = time.monotonic()
-        verdict = analysis.analyze(owned.job.url, report, blocklist=self.blocklist,
+        verdict = analysis.analyze(url, report, blocklist=self.blocklist,
                                    catalogue=self.catalogue,
                                    suspicious_threshold=self.settings.suspicious_threshold,
-                                   malicious_threshold=self.settings.malicious_threshold)
+                                   malicious_threshold=self.settings.malicious_threshold,
+                                   static=static if report.render is not None else None)
         self.metrics.stage.labels("analyze").observe(time.monotonic() - t0)
-        # A refused target is a failure, unless there is evidence against it: a public page
-        # that redirected to the refused address, or a blocklisted URL (sinkholed to 127.0.0.1).
-        if report.error and report.error.code == "BLOCKED_TARGET" and \
-                verdict.verdict is not Verdict.MALICIOUS:
-            return Failed(owned, State.FAILED, "BLOCKED_TARGET", report.error.message)
-        await owned.move(State.ANALYZING)
-        return Completed(owned, report, verdict)
+        return verdict
 
-    async def _cached(self, owned: OwnedJob) -> Outcome | None:
+    def _static_verdict(self, url: str, static: RunResult) -> str | None:
+        """What the static scan alone would have said (the audit trail shows the difference
+        rendering made)."""
+        if static.report is None:
+            return None
+        return self._analyze(url, static.report, None).verdict.value
+
+    async def _cached(self, owned: OwnedJob, rendered: bool = False) -> Outcome | None:
         """A recent result for the same normalized URL answers this scan without a container
-        (RESULT_CACHE_TTL_S; 0 disables). The result row says where it came from."""
+        (RESULT_CACHE_TTL_S; 0 disables). The result row says where it came from. A render
+        job takes only a render scan's result."""
         key = url_key(owned.job.url)
         if not self.settings.result_cache_ttl_s or key is None:
             return None
         o = self.owner
-        hit = await o.db(lambda: o.store.cached_result(key, self.settings.result_cache_ttl_s))
+        hit = await o.db(lambda: o.store.cached_result(
+            key, self.settings.result_cache_ttl_s, rendered))
         if hit is None:
             return None
         try:
@@ -296,13 +342,15 @@ class Pipeline:
         self.metrics.cache_hits.inc()
         return Completed(owned, report, cached, cached_from=hit["job_id"])
 
-    async def _container(self, owned: OwnedJob) -> RunResult:
-        """Run the fetcher. While Docker is unreachable or hung, wait for it (the job is not
-        failed and keeps its message) and let intake pause meanwhile."""
+    async def _container(self, owned: OwnedJob, mode: Mode = "static") -> RunResult:
+        """Run the fetcher (or the browser). While Docker is unreachable or hung, wait for it
+        (the job is not failed and keeps its message) and let intake pause meanwhile."""
         attempt = 0
         while True:
             try:
-                result = await self.runner.run(owned.id, owned.job.url)
+                # A static-only runner (the benchmark's stub) need not know about modes.
+                result = await (self.runner.run(owned.id, owned.job.url) if mode == "static"
+                                else self.runner.run(owned.id, owned.job.url, mode=mode))
             except (DockerUnavailable, DependencyDown) as exc:
                 cancelled_under_us()
                 attempt += 1
@@ -318,8 +366,28 @@ class Pipeline:
                 continue
             self.docker_ready.set()
             self.metrics.container_runs.labels(result.status.value).inc()
-            self.metrics.stage.labels("fetch").observe(result.seconds)
+            self.metrics.stage.labels("render" if mode == "render" else "fetch").observe(
+                result.seconds)
             return result
+
+
+def _refused(result: RunResult) -> bool:
+    """The fetcher refused the URL itself: no browser would be let through either."""
+    report = result.report
+    return bool(report and report.error and report.error.code == "BLOCKED_TARGET"
+                and not report.redirects)
+
+
+def _worth_rendering(report: Report, verdict: Analysis) -> bool:
+    """RENDER_ON=suspicious: a page that was fetched and is not clean (suspicious, malicious,
+    or too little seen to say: a page drawn by script looks empty to a static fetch)."""
+    return report.render is None and report.http_status is not None and \
+        verdict.verdict is not Verdict.SAFE and \
+        not (report.error is not None and report.error.code == "BLOCKED_TARGET")
+
+
+def _mode_detail(mode: Mode) -> dict[str, str]:
+    return {"mode": mode} if mode == "render" else {}
 
 
 def parse_message(fields: dict[str, str]) -> StreamMessage | None:

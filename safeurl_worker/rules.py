@@ -22,10 +22,10 @@ from urllib.parse import unquote
 
 from .blocklist import Blocklist
 from .brands import Catalogue, Claim, Lookalike
-from .models import Form, Report, Signal
+from .models import Form, Render, Report, Signal
 from .urls import canonical_ip, host_of, parse_url, raw_host, registrable_domain, site_of
 
-ANALYZER_VERSION = "2.0.0"
+ANALYZER_VERSION = "2.1.0"
 
 DEFAULT_SUSPICIOUS_THRESHOLD = 30
 DEFAULT_MALICIOUS_THRESHOLD = 70
@@ -61,6 +61,7 @@ LOOKALIKE_CREDENTIALS_WEIGHT = 75
 _UNAMBIGUOUS_LOOKALIKES = frozenset({"brand_domain_in_host", "homoglyph"})
 
 TLS_ERROR_CODE = "TLS_ERROR"
+_PORT_REFUSAL = re.compile(r"(?:^|: )port \d+ is not in the allowed ports")
 BLOCKED_TARGET_CODE = "BLOCKED_TARGET"
 
 # Ad, analytics, consent and social-widget services (registrable domains, or hosts where the
@@ -105,6 +106,9 @@ class Context:
     report: Report
     blocklist: Blocklist | None
     catalogue: Catalogue
+    # A render scan: the static fetch of the same URL, when it ran and produced a report (the
+    # render rules compare what a browser saw with what the HTML alone shows).
+    static: Report | None = None
 
     @cached_property
     def page_url(self) -> str:
@@ -325,8 +329,9 @@ def redirect_to_blocked_target(ctx: Context) -> list[Signal]:
     if report.error is None or report.error.code != BLOCKED_TARGET_CODE or not report.redirects:
         return []
     # A port outside FETCH_ALLOWED_PORTS is our policy, not the page's doing: a webmail that
-    # redirects to :2096 is not probing anything (netcheck words that refusal "port N ...").
-    if report.error.message.startswith("port "):
+    # redirects to :2096 is not probing anything (netcheck words that refusal "port N ...";
+    # the browser image puts the refused URL first: "URL: port N ...").
+    if _PORT_REFUSAL.search(report.error.message):
         return []
     hop = report.redirects[-1]
     return [_signal("redirect_to_blocked_target",
@@ -656,3 +661,167 @@ def tls_error(ctx: Context) -> list[Signal]:
         return [_signal("tls_error", f"certificate not verified: {report.tls.error or ''}"
                         .rstrip(": "))]
     return []
+
+
+# --- rules on what a browser saw (render scans: report.render) ------------------------------
+# Each reads `report.render` (and `ctx.static`, the static fetch of the same URL) and fires only
+# on render scans. Ad, analytics and widget hosts never count: their requests are normal.
+
+_CREDENTIAL_KINDS = ("password", "card", "one-time code")
+_KIT_TYPES = frozenset({"script", "stylesheet", "font", "xhr", "fetch"})
+_WORDS = re.compile(r"[^\W_]{2,}", re.UNICODE)
+CLOAKING_MIN_STATIC_TEXT = 200  # a static shell shorter than this is an SPA's, not a decoy
+CLOAKING_MAX_OVERLAP = 0.2
+
+
+def _asks_credentials(report: Report) -> str | None:
+    asked = _credential_kind(report.features.forms)
+    return asked if asked in _CREDENTIAL_KINDS else None
+
+
+def _same_page(ctx: Context) -> bool:
+    """The browser ended on the page the static fetch saw (same site): comparing them means
+    something; after a script redirect elsewhere the redirect rules speak instead."""
+    static = ctx.static
+    if static is None or static.http_status is None:
+        return False
+    return site_of(static.final_url or ctx.url) == ctx.page_site
+
+
+@rule("script_built_form", 20, "Render scans: the page the browser rendered asks for a "
+      "password, card or one-time code in a form the static HTML of the same page lacks (built "
+      "by script).")
+def script_built_form(ctx: Context) -> list[Signal]:
+    """A kit that writes its form from script hides it from every scanner that does not run
+    JavaScript. Single-page apps build honest login forms the same way, so alone it only
+    supports other signals (the form rules read the rendered form too)."""
+    if ctx.report.render is None or not _same_page(ctx) or ctx.static is None:
+        return []
+    asked = _asks_credentials(ctx.report)
+    if asked is None or _credential_kind(ctx.static.features.forms) == asked:
+        return []
+    form = next(f for f in ctx.report.features.forms
+                if (f.has_password, f.has_card, f.has_otp) != (False, False, False))
+    return [_signal("script_built_form", f"a form asking for {asked} (submits to "
+                    f"{_short(form.action)}) exists only after scripts ran")]
+
+
+@rule("script_redirect_cross_domain", 10, "Render scans: the browser was sent to another "
+      "organisation's site by script (the navigation chain's `script` hops).")
+def script_redirect_cross_domain(ctx: Context) -> list[Signal]:
+    """The redirect a static fetch can only guess at from script text, seen happening. Like
+    cross_domain_redirect (which also counts where the browser ended) it supports others."""
+    render = ctx.report.render
+    if render is None:
+        return []
+    for hop in render.navigation:
+        src, dst = host_of(hop.url), host_of(hop.location)
+        if hop.kind == "script" and src and dst and \
+                not ctx.catalogue.same_organisation(src, dst):
+            return [_signal("script_redirect_cross_domain",
+                            f"script sent {_short(hop.url)} to {_short(hop.location)}")]
+    return []
+
+
+def _kit_requests(ctx: Context, render: Render) -> Iterable[tuple[str, str]]:
+    """(why, url) of sub-resources a kit loads from elsewhere: code or styles from a bare IP
+    address, or data sent by script (non-GET xhr/fetch) to another organisation."""
+    page_host = host_of(ctx.page_url)
+    for r in render.requests:
+        host = host_of(r.url)
+        if r.navigation or r.refused or r.type not in _KIT_TYPES or not host or not page_host \
+                or is_ad_host(r.url) or ctx.catalogue.same_organisation(page_host, host):
+            continue
+        if canonical_ip(host) is not None or ":" in host:
+            yield f"{r.type} from the IP address {host}", r.url
+        elif r.type in ("xhr", "fetch") and r.method.upper() not in ("GET", "HEAD", "OPTIONS"):
+            yield f"script sent a {r.method.upper()} to {registrable_domain(host)}", r.url
+
+
+@rule("kit_resources_cross_host", 15, "Render scans: the page loaded script, styles or fonts "
+      "from a bare IP address, or its script sent data (a non-GET request) to another "
+      "organisation that is not an ad/analytics service.")
+def kit_resources_cross_host(ctx: Context) -> list[Signal]:
+    """A kit pulls its code from the server it was dropped on and posts what it collects from
+    script, where no form action shows it. CDNs (names, GETs) and analytics do not count."""
+    render = ctx.report.render
+    if render is None:
+        return []
+    found = list(_kit_requests(ctx, render))
+    if not found:
+        return []
+    more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+    return [_signal("kit_resources_cross_host", f"{found[0][0]}: {_short(found[0][1])}{more}")]
+
+
+@rule("brand_assets_hotlinked", 20, "Render scans: a page asking for credentials on a site "
+      "that is not the brand's loaded images or styles from a catalogue brand's own hosts "
+      "(the request log: CSS backgrounds and script-inserted logos included).")
+def brand_assets_hotlinked(ctx: Context) -> list[Signal]:
+    """A clone hot-links the original's logo and styles; a page that merely embeds a video or
+    a web font asks for no credentials, and ad hosts never count."""
+    render, page_host = ctx.report.render, host_of(ctx.page_url)
+    if render is None or page_host is None or _asks_credentials(ctx.report) is None:
+        return []
+    for r in render.requests:
+        host = host_of(r.url)
+        if r.type not in ("image", "stylesheet") or not host or is_ad_host(r.url):
+            continue
+        for brand in ctx.catalogue.owners(host):
+            if not brand.software and not ctx.catalogue.owns(brand, page_host):
+                return [_signal("brand_assets_hotlinked",
+                                f"{r.type} from {brand.name}'s host {host} on {ctx.page_site}, "
+                                f"which asks for {_asks_credentials(ctx.report)}")]
+    return []
+
+
+@rule("refused_subrequest", 40, "Render scans: the page made the browser request an internal, "
+      "loopback, link-local or metadata address (an image, script, frame, WebSocket...); the "
+      "egress proxy refused it and it was never sent.")
+def refused_subrequest(ctx: Context) -> list[Signal]:
+    """A public page reaching into the visitor's network (router pages, metadata, intranet
+    hosts) is probing it: the refusal is the evidence. A port we do not fetch is our policy,
+    not the page's doing."""
+    render = ctx.report.render
+    if render is None:
+        return []
+    requested = {ctx.url, ctx.report.requested_url}
+    hits = [r for r in render.refused if r.code == BLOCKED_TARGET_CODE
+            and not _PORT_REFUSAL.search(r.reason) and r.url not in requested]
+    if not hits:
+        return []
+    more = f" (+{len(hits) - 1} more)" if len(hits) > 1 else ""
+    return [_signal("refused_subrequest",
+                    f"refused {_short(hits[0].url)}: {_short(hits[0].reason, 100)}{more}")]
+
+
+def _words(text: str | None) -> set[str]:
+    return {w.lower() for w in _WORDS.findall(text or "")}
+
+
+def _overlap(a: set[str], b: set[str]) -> float:
+    return len(a & b) / max(1, min(len(a), len(b)))
+
+
+@rule("render_cloaking", 25, "Render scans: the page a browser sees is another page than the "
+      "static HTML of the same URL: the static HTML has real content "
+      f"(≥ {CLOAKING_MIN_STATIC_TEXT} characters of text) and the rendered page shares neither "
+      f"its title nor more than {int(CLOAKING_MAX_OVERLAP * 100)} % of its words.")
+def render_cloaking(ctx: Context) -> list[Signal]:
+    """Cloakers serve a harmless page to anything that does not run script and the lure to
+    browsers. An app's static shell ("enable JavaScript") has too little text to count."""
+    static = ctx.static
+    if ctx.report.render is None or static is None or not _same_page(ctx):
+        return []
+    if len(static.features.text) < CLOAKING_MIN_STATIC_TEXT:
+        return []
+    titles = _words(static.title), _words(ctx.report.title)
+    if titles[0] and titles[1] and titles[0] & titles[1]:
+        return []
+    text = _words(static.features.text), _words(ctx.report.features.text)
+    if not text[1] or _overlap(*text) > CLOAKING_MAX_OVERLAP:
+        return []
+    return [_signal("render_cloaking",
+                    f"static title {_short(static.title or '', 60)!r}, rendered "
+                    f"{_short(ctx.report.title or '', 60)!r}; "
+                    f"{_overlap(*text):.0%} of the words in common")]

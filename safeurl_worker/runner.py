@@ -33,6 +33,10 @@ run, whose time limit starts with the URL. Container start leaves the critical p
 The exit code comes from the container's `die` event when that arrives first (`_watch_exits`):
 the daemon answers `wait` only after releasing the network and mounts, tens of ms later.
 
+Render scans (`run(..., mode="render")`, docs/sandbox.md) run the browser image in the same
+sandbox (`render_config`: `container_config` with the browser's image, memory, pids and output
+cap). They are never warm: their containers are created at job time (see `render_config`).
+
 Every Docker Engine call has a timeout, and a slow or hung daemon is never the target's fault:
 it raises DockerUnavailable (the worker pauses intake and runs the scan again later), and only a
 container that the daemon confirms ran past the limit is a TIMEOUT.
@@ -50,7 +54,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Iterator
 from datetime import datetime
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import aiodocker
 import aiohttp
@@ -92,10 +96,14 @@ class RunResult:
     seconds: float = 0.0
 
 
-class ContainerRunner(Protocol):
-    """What the worker needs from a runner (the benchmark swaps in an in-process stub)."""
+Mode = Literal["static", "render"]
 
-    async def run(self, job_id: uuid.UUID, url: str) -> RunResult: ...
+
+class ContainerRunner(Protocol):
+    """What the worker needs from a runner (the benchmark swaps in an in-process stub).
+    `mode` is passed only for render scans, so a static-only stub may leave it out."""
+
+    async def run(self, job_id: uuid.UUID, url: str, mode: Mode = "static") -> RunResult: ...
 
     async def ping(self) -> bool: ...
 
@@ -215,6 +223,32 @@ def container_config(settings: Settings, job_id: uuid.UUID | None,
     }
 
 
+def render_config(settings: Settings, job_id: uuid.UUID) -> dict[str, Any]:
+    """The browser sandbox: exactly `container_config` (URL on stdin, same user, read-only root,
+    caps, network, DNS, runtime, ulimits...) except the image, the memory and pids limits
+    (Chromium's processes need more: BROWSER_MEMORY_LIMIT_MB, BROWSER_PIDS_LIMIT) and the
+    output cap the image fits its report under (RENDER_MAX_OUTPUT_BYTES).
+
+    Created at job time, never kept warm: a warm browser container per slot would hold its
+    memory reservation (1 GiB each by default) idle, and a render's own run (seconds) dwarfs
+    the create it would save."""
+    config = container_config(settings, job_id)
+    mem = settings.browser_memory_limit_mb * 1024 * 1024
+    config["Image"] = settings.browser_image
+    config["Env"] = [*config["Env"],
+                     f"RENDER_MAX_OUTPUT_BYTES={settings.browser_output_max_bytes}"]
+    config["HostConfig"] = {**config["HostConfig"], "Memory": mem, "MemorySwap": mem,
+                            "PidsLimit": settings.browser_pids_limit}
+    return config
+
+
+def output_cap(settings: Settings, mode: Mode) -> int:
+    """The stdout cap of a run: a render report carries screenshots and the DOM."""
+    if mode == "render":
+        return settings.browser_output_max_bytes
+    return settings.container_output_max_bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class _Warm:
     """A created, never started container waiting for a job."""
@@ -251,18 +285,23 @@ class Runner:
         except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
             return False
 
-    async def run(self, job_id: uuid.UUID, url: str) -> RunResult:
+    async def run(self, job_id: uuid.UUID, url: str, mode: Mode = "static") -> RunResult:
         started = time.monotonic()
         self._remove_leftovers()
         self._busy += 1
         try:
-            w = await self._take_warm(job_id)
-            container = w.container if w else await self._create(job_id)
+            if mode == "render":  # never warm (render_config says why)
+                w, container = None, await self._create_named(render_config(
+                    self.settings, job_id), container_name(job_id))
+            else:
+                w = await self._take_warm(job_id)
+                container = w.container if w else await self._create(job_id)
             try:
                 # any_status: once created, a 4xx (the container vanished under a restarting
                 # daemon, or was removed) is still Docker's doing, never the target's.
                 with _daemon_errors(any_status=True):
-                    result = await self._run_created(container, url, w.stream if w else None)
+                    result = await self._run_created(container, url, w.stream if w else None,
+                                                     output_cap(self.settings, mode))
             finally:
                 self._remove_later(container)
         finally:
@@ -439,13 +478,15 @@ class Runner:
             self._remove_later(self.docker.containers.container(name))  # in case it was made
             raise
 
-    async def _run_created(self, container: Any, url: str, ahead: Any = None) -> RunResult:
+    async def _run_created(self, container: Any, url: str, ahead: Any = None,
+                           cap: int | None = None) -> RunResult:
         """Attach, hand over the URL, start, and judge the run. The stream is attached before
         start, so no byte of stdout is missed; stdin is closed before start, so the fetcher
         never waits for its URL. `ahead`: the stream of a container started ahead, waiting for
         its URL (its run, and its time limit, start with the URL)."""
         stream = ahead or container.attach(stdin=True, stdout=True, stderr=False)
         reader: asyncio.Task[bytes] | None = None
+        cap = cap or self.settings.container_output_max_bytes
         try:
             if ahead is None:
                 await _within(stream.__aenter__(), _API_TIMEOUT)  # the hijacked stream
@@ -453,11 +494,11 @@ class Runner:
             line = url.replace("\r", "").replace("\n", "").encode() + b"\n"
             await _within(stream.write_in(line), _API_TIMEOUT)
             _close_stdin(stream)
-            reader = asyncio.create_task(self._read_stdout(stream))
+            reader = asyncio.create_task(self._read_stdout(stream, cap))
             if ahead is None:
                 self._exits[container.id] = asyncio.get_running_loop().create_future()
                 await _within(container.start(), _API_TIMEOUT)
-            return await self._judge(container, reader, stream, ahead is not None)
+            return await self._judge(container, reader, stream, ahead is not None, cap)
         finally:
             self._exits.pop(container.id, None)
             if reader is not None and not reader.done():
@@ -468,8 +509,8 @@ class Runner:
                 await stream.close()
 
     async def _judge(self, container: Any, reader: asyncio.Task[bytes], stream: Any,
-                     ahead: bool = False) -> RunResult:
-        cap = self.settings.container_output_max_bytes
+                     ahead: bool = False, cap: int | None = None) -> RunResult:
+        cap = cap or self.settings.container_output_max_bytes
         limit = self.settings.container_timeout_ms / 1000
         waiter = asyncio.create_task(self._wait(container, limit, ahead))
         try:
@@ -537,9 +578,9 @@ class Runner:
                 with contextlib.suppress(BaseException):
                     await waiter
 
-    async def _read_stdout(self, stream: Any) -> bytes:
+    async def _read_stdout(self, stream: Any, cap: int | None = None) -> bytes:
         """Stdout as it comes, stopping one chunk past the cap (the rest is never read)."""
-        cap = self.settings.container_output_max_bytes
+        cap = cap or self.settings.container_output_max_bytes
         buf = bytearray()
         while (msg := await stream.read_out()) is not None:
             if msg.stream == 1:

@@ -118,3 +118,19 @@ CREATE TABLE IF NOT EXISTS scan_callback_attempts (
     duration_ms integer
 );
 CREATE INDEX IF NOT EXISTS scan_callback_attempts_job_idx ON scan_callback_attempts (job_id);
+
+-- A render scan's artifacts (artifacts.py): screenshot, full-page screenshot, DOM, request log.
+-- Written by the completing statement with the result row (Store.complete); the foreign key
+-- makes an artifact without its result impossible. `size` and `sha256` are measured by the
+-- worker, never taken from the container. Behind Store.artifact_bytes, so the bytes could move
+-- to an object store later (the row would keep kind, type, size, hash and a key).
+CREATE TABLE IF NOT EXISTS scan_artifacts (
+    job_id       uuid NOT NULL REFERENCES scan_results(job_id),
+    kind         text NOT NULL,
+    content_type text NOT NULL,
+    size         bigint NOT NULL CHECK (size >= 0),
+    sha256       text NOT NULL,
+    data         bytea NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, kind)
+);

@@ -11,9 +11,10 @@ the API (ops.py).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -21,10 +22,12 @@ from typing import Any
 import asyncpg
 import orjson
 
+from . import artifacts as artifact_kinds
+from .artifacts import Artifact
 from .models import Analysis, Job, Report, State
 
 _JOB_COLUMNS = ("id, url, state, version, attempts, worker_id, error_code, created_at, "
-                "owner_token, faults")
+                "owner_token, faults, mode")
 _MIGRATION_LOCK = 0x5AFE0001  # advisory lock id: concurrent `migrate` runs take turns
 # LISTEN on this channel to hear of every job that reached a terminal state (payload: its id).
 NOTIFY_CHANNEL = "safeurl_scan_finished"
@@ -107,12 +110,17 @@ WITH u AS (
 ), a AS (
     INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id, detail)
     SELECT id, 'ANALYZING', 'COMPLETED', version, $3, $17::jsonb FROM u
+), art AS (
+    INSERT INTO scan_artifacts (job_id, kind, content_type, size, sha256, data)
+    SELECT u.id, x.kind, x.content_type, octet_length(x.data), x.sha256, x.data
+    FROM u, unnest($20::text[], $21::text[], $22::text[], $23::bytea[])
+        AS x(kind, content_type, sha256, data)
 ){_OUTBOX.replace("$D", "$19")}
 SELECT version FROM u {{notify}}
 """
 
 _INSERT_JOB = """
-WITH j AS (INSERT INTO scan_jobs (id, url) VALUES ($1, $2) RETURNING id)
+WITH j AS (INSERT INTO scan_jobs (id, url, mode) VALUES ($1, $2, $3) RETURNING id)
 SELECT id FROM j
 """
 
@@ -169,10 +177,11 @@ class Store:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await conn.execute(sql)
 
-    async def insert_job(self, url: str, job_id: uuid.UUID | None = None) -> uuid.UUID:
-        """Insert a QUEUED job, as the API service does."""
+    async def insert_job(self, url: str, job_id: uuid.UUID | None = None,
+                         mode: str | None = None) -> uuid.UUID:
+        """Insert a QUEUED job, as the API service does (`mode`: static / render / None)."""
         jid = job_id or uuid.uuid4()
-        await self.pool.execute(_INSERT_JOB, jid, url)
+        await self.pool.execute(_INSERT_JOB, jid, url, mode)
         return jid
 
     async def get_job(self, job_id: uuid.UUID) -> Job | None:
@@ -223,9 +232,11 @@ class Store:
 
     async def complete(self, job: Job, *, worker_id: str, report: Report, analysis: Analysis,
                        url_key: str | None, cached_from: uuid.UUID | None = None,
-                       detail: Mapping[str, Any] | None = None) -> int | None:
-        """ANALYZING -> COMPLETED with its result row and audit row, in one statement.
-        Returns the new version, or None on conflict."""
+                       detail: Mapping[str, Any] | None = None,
+                       artifacts: Sequence[Artifact] = ()) -> int | None:
+        """ANALYZING -> COMPLETED with its result row, audit row and artifacts (a render scan's
+        screenshot, DOM, request log: artifacts.split), in one statement, so an artifact never
+        exists without its result. Returns the new version, or None on conflict."""
         version: int | None = await self.pool.fetchval(
             self._complete_sql, job.id, job.version, worker_id,
             analysis.verdict.value, analysis.score, report.http_status, report.final_url,
@@ -234,18 +245,23 @@ class Store:
             analysis.analyzer_version, url_key, cached_from,
             {"verdict": analysis.verdict.value, "score": analysis.score, **(detail or {})},
             analysis.confidence, self.default_callback_url,
+            [a.kind for a in artifacts], [a.content_type for a in artifacts],
+            [a.sha256 for a in artifacts], [a.data for a in artifacts],
         )
         return version
 
-    async def cached_result(self, url_key: str, ttl_s: int) -> asyncpg.Record | None:
+    async def cached_result(self, url_key: str, ttl_s: int,
+                            rendered: bool = False) -> asyncpg.Record | None:
         """The newest original (not itself cached) result for this normalized URL within the
-        TTL. `unknown` verdicts are not reused: the target may be back."""
+        TTL. `unknown` verdicts are not reused: the target may be back. `rendered`: only a
+        render scan's result (a render job asked for what a static scan cannot show)."""
         row: asyncpg.Record | None = await self.pool.fetchrow(
             "SELECT job_id, verdict, score, signals, report, analyzer_version, confidence "
             "FROM scan_results "
             "WHERE url_key = $1 AND created_at > now() - make_interval(secs => $2) "
             "AND cached_from IS NULL AND verdict <> 'unknown' "
-            "ORDER BY created_at DESC LIMIT 1", url_key, float(ttl_s))
+            "AND (NOT $3::boolean OR jsonb_typeof(report->'render') = 'object') "
+            "ORDER BY created_at DESC LIMIT 1", url_key, float(ttl_s), rendered)
         return row
 
     async def last_audit_detail(self, job_id: uuid.UUID) -> dict[str, Any] | None:
@@ -292,8 +308,11 @@ class Store:
         audit = await self.pool.fetch(
             "SELECT from_state, to_state, version, worker_id, at, detail FROM scan_audit_log "
             "WHERE job_id = $1 ORDER BY version, id", job_id)
+        artifacts = await self.pool.fetch(
+            "SELECT kind, content_type, size, sha256 FROM scan_artifacts WHERE job_id = $1 "
+            "ORDER BY array_position($2::text[], kind), kind", job_id, list(ALL_ARTIFACT_KINDS))
         return {"job": dict(job), "result": dict(result) if result else None,
-                "audit": [dict(a) for a in audit]}
+                "audit": [dict(a) for a in audit], "artifacts": [dict(a) for a in artifacts]}
 
     # --- operator queries (ops.py: check, status, retry) -----------------------------------
 
@@ -424,10 +443,24 @@ class Store:
         return view
 
     async def artifact(self, job_id: uuid.UUID, kind: str) -> Any:
-        """One artifact of a render scan's report (`render.<kind>`): an image object with
-        `type` and `base64`, or the DOM as a string; None if the scan has none."""
-        return await self.pool.fetchval(
-            "SELECT report->'render'->$2 FROM scan_results WHERE job_id = $1", job_id, kind)
+        """One artifact of a render scan in the API's shape: an image object with `type` and
+        `base64`, or the DOM as a string; None if the scan has none."""
+        found = await self.artifact_bytes(job_id, kind)
+        if found is None:
+            # A report stored with its artifacts inline (before scan_artifacts).
+            return await self.pool.fetchval(
+                "SELECT report->'render'->$2 FROM scan_results WHERE job_id = $1", job_id, kind)
+        content_type, data = found
+        if kind == "dom":
+            return data.decode("utf-8", "replace")
+        return {"type": content_type, "base64": base64.b64encode(data).decode("ascii")}
+
+    async def artifact_bytes(self, job_id: uuid.UUID, kind: str) -> tuple[str, bytes] | None:
+        """(content type, bytes) of one stored artifact, or None."""
+        row = await self.pool.fetchrow(
+            "SELECT content_type, data FROM scan_artifacts WHERE job_id = $1 AND kind = $2",
+            job_id, kind)
+        return None if row is None else (row["content_type"], bytes(row["data"]))
 
     async def list_scans(self, *, state: str | None, verdict: str | None,
                          since: datetime | None, url: str | None,
@@ -502,17 +535,25 @@ SELECT id, state, request_hash, false FROM scan_jobs
 WHERE $6::text IS NOT NULL AND idempotency_key = $6 AND NOT EXISTS (SELECT 1 FROM ins)
 """
 
-# The big artifacts a render scan's report may carry under `render` (render/report.py).
+# The artifacts the API serves (api/artifacts.py), and every kind the worker stores.
 ARTIFACT_KINDS = ("screenshot", "full_page", "dom")
-# Which of them a result has, with type and size, without sending their bytes.
+ALL_ARTIFACT_KINDS = artifact_kinds.KINDS
+# Which of them a scan has, with type and size, without sending their bytes: the rows of
+# scan_artifacts, else (a report stored before that table) what the report carries inline.
 _ARTIFACT_INDEX = """
-SELECT k AS kind,
-       CASE WHEN jsonb_typeof(a) = 'object' THEN a->>'type' ELSE 'text/html' END AS type,
+SELECT * FROM (
+SELECT kind, content_type AS type, size FROM scan_artifacts
+WHERE job_id = $1 AND kind = ANY($2::text[])
+UNION ALL
+SELECT k, CASE WHEN jsonb_typeof(a) = 'object' THEN a->>'type' ELSE 'text/html' END,
        CASE WHEN jsonb_typeof(a) = 'object' THEN (a->>'size')::bigint
-            ELSE octet_length(a #>> '{}') END AS size
+            ELSE octet_length(a #>> '{}') END
 FROM scan_results r, unnest($2::text[]) AS k, LATERAL (SELECT r.report->'render'->k AS a) x
-WHERE r.job_id = $1 AND x.a IS NOT NULL AND jsonb_typeof(x.a) IN ('object', 'string')
-ORDER BY array_position($2::text[], k)
+WHERE r.job_id = $1 AND (jsonb_typeof(x.a) = 'string'
+                         OR (jsonb_typeof(x.a) = 'object' AND x.a ? 'base64'
+                             AND jsonb_typeof(x.a->'base64') = 'string'))
+  AND NOT EXISTS (SELECT 1 FROM scan_artifacts s WHERE s.job_id = $1 AND s.kind = k)
+) found ORDER BY array_position($2::text[], kind)
 """
 
 _LIST_SCANS = """
@@ -559,6 +600,7 @@ WITH v AS (
     SELECT id, error_code FROM scan_jobs
     WHERE state IN {_TERMINAL_SQL} AND finished_at < now() - make_interval(secs => $1)
     ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED
+), ar AS (DELETE FROM scan_artifacts WHERE job_id IN (SELECT id FROM v)
 ), r AS (DELETE FROM scan_results WHERE job_id IN (SELECT id FROM v) RETURNING 1
 ), a AS (DELETE FROM scan_audit_log WHERE job_id IN (SELECT id FROM v) RETURNING 1
 ), c AS (DELETE FROM scan_callbacks WHERE job_id IN (SELECT id FROM v) RETURNING 1

@@ -169,7 +169,7 @@ class Worker:
         try:
             if isinstance(outcome, Completed):
                 await outcome.job.complete(outcome.report, outcome.result, outcome.cached_from,
-                                           url_key(outcome.job.job.url))
+                                           url_key(outcome.job.job.url), outcome.artifacts)
             elif isinstance(outcome, Failed):
                 await outcome.job.fail(outcome.state, outcome.code, outcome.message)
             elif isinstance(outcome, DeadLettered) and outcome.job is not None:

@@ -83,7 +83,7 @@ def test_benign_page_is_safe() -> None:
     assert result.verdict is Verdict.SAFE
     assert result.score == 0
     assert result.signals == []
-    assert result.analyzer_version == ANALYZER_VERSION == "2.0.0"
+    assert result.analyzer_version == ANALYZER_VERSION == "2.1.0"
     assert result.confidence == 1.0
 
 

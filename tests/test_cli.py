@@ -15,15 +15,17 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as redis
 
+from safeurl_worker.artifacts import Artifact
 from safeurl_worker.cli import build_parser
 from safeurl_worker.config import Settings
 from safeurl_worker.logs import JsonFormatter, TextFormatter
-from safeurl_worker.models import State
+from safeurl_worker.models import Analysis, Render, Report, State, Verdict
 from safeurl_worker.store import Store
 
 from .conftest import TestNet, running_worker
@@ -105,6 +107,9 @@ def test_parser_accepts_the_documented_forms() -> None:
     a = p.parse_args(["dlq", "replay", "1-0", "2-0"])
     assert (a.action, a.ids) == ("replay", ["1-0", "2-0"])
     assert p.parse_args(["submit", "http://x/", "--wait"]).timeout == 120
+    assert p.parse_args(["submit", "http://x/", "--mode", "render"]).mode == "render"
+    assert p.parse_args(["submit", "http://x/"]).mode is None  # the worker's SCAN_MODE
+    assert p.parse_args(["status", str(jid), "--screenshot", "s.png"]).screenshot == "s.png"
     assert p.parse_args(["prune", "--older-than", "30d"]).older_than == 30 * 86400
     assert p.parse_args(["prune", "--older-than", "12h", "--batch", "50"]).batch == 50
     assert p.parse_args(["dlq", "purge", "--all"]).all is True
@@ -179,7 +184,8 @@ async def test_status_table_json_and_one_job(
     one = await cli(settings, "status", str(good[0]))
     assert one.code == 0, one.stderr
     view = one.json()
-    assert set(view) == {"job", "result", "audit"}
+    assert set(view) == {"job", "result", "audit", "artifacts"}
+    assert view["artifacts"] == []  # a static scan has none
     assert view["job"]["id"] == str(good[0]) and view["job"]["state"] == "COMPLETED"
     assert view["result"]["verdict"] == "safe" and view["result"]["http_status"] == 200
     assert [(a["to_state"], a["version"]) for a in view["audit"]] == [
@@ -447,3 +453,36 @@ async def test_prune_deletes_old_finished_jobs_only(settings: Settings, store: S
                                      old) == 0
     again = await cli(settings, "prune", "--older-than", "30d")
     assert again.stdout.startswith("pruned 0 jobs")
+
+
+@pytest.mark.integration
+async def test_status_lists_artifacts_and_writes_the_screenshot(
+        database: str, store: Store, tmp_path: Path) -> None:
+    """A completed render scan (its rows written as the worker writes them): `status JOB`
+    lists its artifacts, `--screenshot FILE` writes the image's bytes."""
+    png = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+                        "0000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+    job = await store.get_job(await store.insert_job("http://a.test/", mode="render"))
+    for to in (State.FETCHING, State.ANALYZING):
+        assert job is not None
+        job = await store.transition(job, to, worker_id="w")
+    assert job is not None
+    report = Report(fetcher_version="render", requested_url="http://a.test/", http_status=200,
+                    render=Render(stored_apart=["screenshot", "dom"]))
+    await store.complete(job, worker_id="w", report=report, url_key=None,
+                         analysis=Analysis(verdict=Verdict.SAFE, score=0, signals=[],
+                                           analyzer_version="t"),
+                         artifacts=[Artifact("screenshot", "image/png", png),
+                                    Artifact("dom", "text/html", b"<p>hi</p>")])
+    settings = Settings(database_url=database, metrics_port=0)
+    shot = tmp_path / "shot.png"
+    out = await cli(settings, "status", str(job.id), "--screenshot", str(shot))
+    assert out.code == 0, out.stderr
+    assert [(a["kind"], a["content_type"], a["size"]) for a in out.json()["artifacts"]] == [
+        ("screenshot", "image/png", len(png)), ("dom", "text/html", 9)]
+    assert shot.read_bytes() == png and f"wrote {len(png)} bytes (image/png)" in out.stderr
+    # A job without a screenshot: said so, exit 1, nothing written.
+    plain = await store.insert_job("http://b.test/")
+    none = await cli(settings, "status", str(plain), "--screenshot", str(tmp_path / "x.png"))
+    assert none.code == 1 and "has no screenshot" in none.stderr
+    assert not (tmp_path / "x.png").exists()

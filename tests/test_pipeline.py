@@ -12,10 +12,11 @@ ack and dead-letter goes into one event log, so the tests assert their exact ord
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import asyncpg
@@ -23,6 +24,7 @@ import pytest
 
 from safeurl_worker import errors as errors_mod
 from safeurl_worker import pipeline as pipeline_mod
+from safeurl_worker.artifacts import Artifact
 from safeurl_worker.config import Settings, load_settings
 from safeurl_worker.consumer import Consumer, Message
 from safeurl_worker.intake import InFlight
@@ -30,8 +32,14 @@ from safeurl_worker.metrics import Metrics
 from safeurl_worker.models import (
     Analysis,
     Features,
+    Form,
     Job,
     RedirectHop,
+    Refusal,
+    Render,
+    RenderHop,
+    RenderImage,
+    RenderRequest,
     Report,
     ReportError,
     Signal,
@@ -54,6 +62,16 @@ from safeurl_worker.store import Store
 from safeurl_worker.worker import Worker
 
 URL = "http://example.test/"
+
+
+class _AnyOp:
+    """Equal to any op token (a random hex string)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and re.fullmatch(r"[0-9a-f]{12}", other) is not None
+
+
+ANY_OP: Any = _AnyOp()
 OTHER, OTHER_TOKEN = "w-other", "tok-other"
 Event = tuple[str, ...]
 
@@ -174,7 +192,8 @@ class FakeStore:
 
     async def complete(self, job: Job, *, worker_id: str, report: Report, analysis: Analysis,
                        url_key: str | None, cached_from: uuid.UUID | None = None,
-                       detail: Mapping[str, Any] | None = None) -> int | None:
+                       detail: Mapping[str, Any] | None = None,
+                       artifacts: Sequence[Artifact] = ()) -> int | None:
         self._before("complete")
         if self.reject_complete:  # PostgreSQL refuses the values: nothing commits
             raise asyncpg.exceptions.CharacterNotInRepertoireError(
@@ -188,15 +207,18 @@ class FakeStore:
         self.error_messages[job.id] = None
         self.results[job.id] = {"verdict": analysis.verdict.value, "score": analysis.score,
                                 "url_key": url_key, "cached_from": cached_from,
-                                "report": report.model_dump(mode="json")}
+                                "report": report.model_dump(mode="json"),
+                                "artifacts": list(artifacts)}
         self._commit(cur, new, {"verdict": analysis.verdict.value, "score": analysis.score,
                                 **(detail or {})})
         self._after("complete")
         return new.version
 
-    async def cached_result(self, url_key: str, ttl_s: int) -> Mapping[str, Any] | None:
+    async def cached_result(self, url_key: str, ttl_s: int,
+                            rendered: bool = False) -> Mapping[str, Any] | None:
         self._before("cached_result")
-        return self.cache.get(url_key)
+        hit = self.cache.get(url_key)
+        return None if hit is None or (rendered and not hit["report"].get("render")) else hit
 
     async def last_audit_detail(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         self._before("last_audit_detail")
@@ -252,13 +274,15 @@ class FakeRunner:
     def __init__(self, *script: Step) -> None:
         self.script = list(script)
         self.runs: list[tuple[uuid.UUID, str]] = []
+        self.modes: list[str] = []  # each run's mode
         self.removed: list[uuid.UUID | None] = []
         self.entered = asyncio.Event()
         self.probe: Callable[[], bool] | None = None  # sampled at each run (docker_ready)
         self.seen: list[bool] = []
 
-    async def run(self, job_id: uuid.UUID, url: str) -> RunResult:
+    async def run(self, job_id: uuid.UUID, url: str, mode: str = "static") -> RunResult:
         self.runs.append((job_id, url))
+        self.modes.append(mode)
         if self.probe is not None:
             self.seen.append(self.probe())
         self.entered.set()
@@ -1018,3 +1042,118 @@ async def test_duplicate_message_for_a_dead_lettered_job_is_not_dead_lettered_ag
         "reports the job 'with 2 dead-letter entries'. Telling the two apart needs the "
         "message's identity (e.g. the message id in the FAILED write's audit detail).")
     assert h.events[-1] == ("ack", second.message_id)
+
+
+# --- scan modes: static, render, RENDER_ON=suspicious -----------------------------------------
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+                    "0000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+LOGIN = Form(action="http://collect.example.net/p", method="post", has_password=True,
+             has_email=True)
+SUSPECT = LOGIN.model_copy(update={"action": "https://collect.example.net/p"})  # 55: suspicious
+
+
+def rendered_ok(**features: Any) -> RunResult:
+    """A browser's report: the DOM's features, a screenshot and the DOM."""
+    render = Render(screenshot=RenderImage(type="image/png", size=len(PNG),
+                                           base64=base64.b64encode(PNG).decode()),
+                    dom="<html><form></form></html>",
+                    requests=[RenderRequest(url=URL, type="document", navigation=True)])
+    return ok(render=render,
+              features=Features(parse="full", text="Hello", **features))
+
+
+def analyzing_detail(h: Harness, job_id: uuid.UUID) -> dict[str, Any]:
+    return next(a.detail for a in h.store.audit
+                if a.job_id == job_id and a.to_state is State.ANALYZING)
+
+
+async def test_render_job_runs_the_fetcher_then_the_browser_and_stores_artifacts() -> None:
+    h = build(ok(), rendered_ok(forms=[LOGIN]))
+    job = h.store.add(mode="render")
+    m = await h.deliver(job.id)
+    assert h.runner.modes == ["static", "render"]
+    assert h.events == [*HAPPY, ("ack", m.message_id)]
+    [done] = h.worker.given
+    assert isinstance(done, Completed) and done.report.render is not None
+    # The form exists only in the rendered DOM: seen, and compared with the static page.
+    assert {"script_built_form", "password_form_cross_domain"} <= {
+        s.name for s in done.result.signals}
+    assert analyzing_detail(h, job.id) == {"mode": "render", "static_verdict": "safe",
+                                           "op": ANY_OP}
+    stored = h.store.results[job.id]
+    assert [(a.kind, a.data) for a in stored["artifacts"]][:2] == [
+        ("screenshot", PNG), ("dom", b"<html><form></form></html>")]
+    # The row's report carries no screenshot bytes and no DOM.
+    assert stored["report"]["render"]["screenshot"]["base64"] is None
+    assert stored["report"]["render"]["dom"] is None
+
+
+async def test_scan_mode_default_applies_to_jobs_without_their_own() -> None:
+    h = build(ok(), rendered_ok(), scan_mode="render")
+    await h.deliver(h.store.add().id)  # mode NULL: SCAN_MODE
+    await h.deliver(h.store.add(mode="static").id)  # its own mode wins
+    assert h.runner.modes == ["static", "render", "static"]
+
+
+async def test_render_job_whose_url_is_refused_never_starts_a_browser() -> None:
+    refused = ok(error=ReportError(code="BLOCKED_TARGET", message="10.0.0.1 is private"))
+    h = build(refused)
+    job = h.store.add(mode="render")
+    await h.deliver(job.id)
+    assert h.runner.modes == ["static"]
+    [failed] = h.worker.given
+    assert isinstance(failed, Failed) and failed.code == "BLOCKED_TARGET"
+
+
+async def test_render_on_suspicious_escalates_only_a_scan_that_is_not_clean() -> None:
+    suspicious = ok(features=Features(parse="full", text="Hello", forms=[SUSPECT]))
+    h = build(ok(), suspicious, rendered_ok(forms=[LOGIN]), render_on="suspicious")
+    clean = h.store.add()
+    await h.deliver(clean.id)
+    assert h.runner.modes == ["static"]  # a clean verdict is not rendered
+    flagged = h.store.add()
+    await h.deliver(flagged.id)
+    assert h.runner.modes == ["static", "static", "render"]
+    [_, done] = h.worker.given
+    assert isinstance(done, Completed) and done.report.render is not None
+    assert analyzing_detail(h, flagged.id)["static_verdict"] == "suspicious"
+    assert h.store.results[flagged.id]["artifacts"]
+
+
+async def test_escalated_render_that_fails_leaves_the_static_result_standing() -> None:
+    suspicious = ok(features=Features(parse="full", text="Hello", forms=[SUSPECT]))
+    h = build(suspicious, crashed(), render_on="suspicious", max_attempts=2)
+    job = h.store.add()
+    m = await h.deliver(job.id)
+    assert h.runner.modes == ["static", "render", "render"]  # one crash retry
+    [done] = h.worker.given
+    assert isinstance(done, Completed) and done.report.render is None
+    assert done.result.verdict is Verdict.SUSPICIOUS
+    assert analyzing_detail(h, job.id)["render_failed"].startswith("crashed")
+    assert h.events[-1] == ("ack", m.message_id)
+
+
+async def test_render_job_whose_browser_times_out_is_timed_out() -> None:
+    h = build(ok(), RunResult(RunStatus.TIMEOUT, detail="no exit after 15s"))
+    job = h.store.add(mode="render")
+    await h.deliver(job.id)
+    [failed] = h.worker.given
+    assert isinstance(failed, Failed) and failed.state is State.TIMED_OUT
+
+
+async def test_rendered_page_that_navigated_to_a_refused_address_is_judged_not_failed() -> None:
+    """A public page whose script sent the browser to a private address: the refusal is
+    evidence (refused_subrequest), not a BLOCKED_TARGET failure of the submitted URL."""
+    hop = RenderHop(url=URL, location="http://10.0.0.5/admin", kind="script")
+    refused = Refusal(url="http://10.0.0.5/admin", code="BLOCKED_TARGET",
+                      reason="10.0.0.5 is private (10.0.0.0/8)")
+    render = ok(render=Render(navigation=[hop], refused=[refused]),
+                error=ReportError(code="BLOCKED_TARGET", message="10.0.0.5 is private"))
+    h = build(ok(), render)
+    job = h.store.add(mode="render")
+    await h.deliver(job.id)
+    [done] = h.worker.given
+    assert isinstance(done, Completed), done
+    assert "refused_subrequest" in {s.name for s in done.result.signals}
+    assert done.result.verdict is Verdict.SUSPICIOUS

@@ -18,6 +18,10 @@ from safeurl_worker.models import (
     Image,
     PageMeta,
     RedirectHop,
+    Refusal,
+    Render,
+    RenderHop,
+    RenderRequest,
     Report,
     ReportError,
     ScriptStats,
@@ -277,3 +281,172 @@ def test_script_redirect_within_a_brand_is_normal() -> None:
     url = "https://www.youtube.com/watch"
     r = report(url, js_redirects=["https://accounts.google.com/ServiceLogin"])
     assert run("js_redirect_cross_domain", url, r) == []
+
+
+# --- render scans: what a browser saw (report.render, with the static report beside it) -----
+
+PAGE = "https://portal.example.org/login"
+
+
+def rendered(url: str = PAGE, title: str | None = "Sign in", render: Render | None = None,
+             **features: Any) -> Report:
+    """A render report: the top-level features are the DOM's after scripts ran."""
+    base = report(url, title, **features)
+    return base.model_copy(update={"fetcher_version": "render-0.1.0",
+                                   "render": render or Render()})
+
+
+def run_render(name: str, r: Report, static: Report | None = None,
+               url: str = PAGE) -> list[Signal]:
+    ctx = Context(url=url, report=r, blocklist=None, catalogue=shipped_catalogue(),
+                  static=static)
+    return list(RULES[name].check(ctx))
+
+
+def request(url: str, type_: str = "image", method: str = "GET", **kw: Any) -> RenderRequest:
+    return RenderRequest(url=url, type=type_, method=method, **kw)
+
+
+def test_render_rules_are_silent_without_a_render() -> None:
+    static = report(PAGE, "Sign in", forms=[password_form(PAGE)])
+    for name in ("script_built_form", "script_redirect_cross_domain", "kit_resources_cross_host",
+                 "brand_assets_hotlinked", "refused_subrequest", "render_cloaking"):
+        assert run_render(name, static, static) == [], name
+
+
+def test_form_built_by_script_is_found_against_the_static_html() -> None:
+    static = report(PAGE, "Sign in")  # the HTML alone: no form
+    after = rendered(forms=[password_form("https://collect.example.net/p")])
+    [signal] = run_render("script_built_form", after, static)
+    assert "password" in signal.evidence and "collect.example.net" in signal.evidence
+    # The same form already in the static HTML, or no static report to compare: nothing.
+    assert run_render("script_built_form", after,
+                      report(PAGE, "Sign in", forms=[password_form(PAGE)])) == []
+    assert run_render("script_built_form", after, None) == []
+    # A newsletter box (e-mail only) built by script is no credential form.
+    assert run_render("script_built_form", rendered(forms=[Form(
+        action=PAGE, has_email=True)]), static) == []
+
+
+def test_script_built_login_on_a_collector_is_malicious_and_static_saw_nothing() -> None:
+    collector = Form(action="http://collect.example.net/p", method="post", has_password=True,
+                     has_email=True)
+    static = report(PAGE, "Account", headings=["Verify your account"])
+    after = rendered(title="Account", headings=["Verify your account"], forms=[collector])
+    assert analyze(PAGE, static).verdict is Verdict.SAFE
+    result = analyze(PAGE, after, static=static)
+    assert result.verdict is Verdict.MALICIOUS
+    assert {"script_built_form", "password_form_cross_domain"} <= {
+        s.name for s in result.signals}
+
+
+def test_single_page_app_login_on_its_own_site_stays_safe() -> None:
+    """An app builds its own login form by script, posting to itself, with web fonts and a
+    video embed from Google and analytics beacons: normal."""
+    static = report(PAGE, "Portal", text="Loading…")
+    reqs = [request("https://fonts.googleapis.com/css2?family=Inter", "stylesheet"),
+            request("https://fonts.gstatic.com/s/inter.woff2", "font"),
+            request("https://www.google-analytics.com/g/collect", "fetch", "POST"),
+            request("https://api.portal.example.org/session", "fetch", "POST"),
+            request("https://cdn.jsdelivr.net/npm/react.js", "script")]
+    after = rendered(title="Portal - sign in", forms=[password_form(PAGE)],
+                     render=Render(requests=reqs))
+    result = analyze(PAGE, after, static=static)
+    assert result.verdict is Verdict.SAFE, result.signals
+    assert [s.name for s in result.signals] == ["script_built_form"]
+
+
+def test_script_redirect_to_another_organisation_is_recorded() -> None:
+    hops = [RenderHop(url=PAGE, location="https://landing.example.net/x", kind="script")]
+    [signal] = run_render("script_redirect_cross_domain", rendered(
+        "https://landing.example.net/x", render=Render(navigation=hops)))
+    assert "landing.example.net" in signal.evidence
+    # A header redirect (its own rules), or a script hop within the site: nothing.
+    same = [RenderHop(url=PAGE, location="https://www.example.org/", kind="script"),
+            RenderHop(url=PAGE, location="https://landing.example.net/", kind="http")]
+    assert run_render("script_redirect_cross_domain", rendered(
+        render=Render(navigation=same))) == []
+
+
+def test_kit_resources_from_an_ip_or_posted_by_script_elsewhere() -> None:
+    by_ip = rendered(render=Render(requests=[request("http://203.0.113.9/kit/app.js", "script")]))
+    [signal] = run_render("kit_resources_cross_host", by_ip)
+    assert "203.0.113.9" in signal.evidence
+    posted = rendered(render=Render(requests=[
+        request("https://drop.example.net/gate.php", "xhr", "POST"),
+        request("https://drop.example.net/x.js", "script")]))
+    [signal] = run_render("kit_resources_cross_host", posted)
+    assert "POST to example.net" in signal.evidence
+    # CDN code by name, GETs, ad/analytics beacons and the page's own API are normal.
+    normal = rendered(render=Render(requests=[
+        request("https://cdnjs.cloudflare.com/x.js", "script"),
+        request("https://api.example.net/data.json", "fetch"),
+        request("https://www.google-analytics.com/g/collect", "fetch", "POST"),
+        request("https://api.example.org/login", "fetch", "POST")]))
+    assert run_render("kit_resources_cross_host", normal) == []
+
+
+def test_brand_assets_hot_linked_by_a_credential_page() -> None:
+    reqs = [request("https://www.paypalobjects.com/images/logo.svg")]
+    page = rendered(forms=[password_form(PAGE)], render=Render(requests=reqs))
+    [signal] = run_render("brand_assets_hotlinked", page)
+    assert "PayPal" in signal.evidence and "paypalobjects.com" in signal.evidence
+    # No credential form (an article with the logo), or the brand's own site: nothing.
+    assert run_render("brand_assets_hotlinked", rendered(render=Render(requests=reqs))) == []
+    own = "https://www.paypal.com/signin"
+    assert run_render("brand_assets_hotlinked", rendered(
+        own, forms=[password_form(own)], render=Render(requests=reqs)), url=own) == []
+    # Google's fonts on a login page are a font, not the brand's look.
+    fonts = [request("https://fonts.gstatic.com/s/inter.woff2", "font")]
+    assert run_render("brand_assets_hotlinked", rendered(
+        forms=[password_form(PAGE)], render=Render(requests=fonts))) == []
+
+
+def test_refused_sub_request_to_a_private_address_is_evidence() -> None:
+    refused = [Refusal(url="http://192.168.1.1/pixel.png", method="GET", code="BLOCKED_TARGET",
+                       reason="192.168.1.1 is private (192.168.0.0/16)")]
+    result = analyze(PAGE, rendered(render=Render(refused=refused)))
+    signal = only(result, "refused_subrequest")
+    assert "192.168.1.1" in signal.evidence
+    assert result.verdict is Verdict.SUSPICIOUS
+    # A port we do not fetch is our policy; the submitted URL's own refusal is not a
+    # sub-request; a DNS failure is not an address.
+    others = [Refusal(url="http://example.net:8080/", code="BLOCKED_TARGET",
+                      reason="port 8080 is not in the allowed ports"),
+              Refusal(url=PAGE, code="BLOCKED_TARGET", reason="10.0.0.1 is private"),
+              Refusal(url="http://nx.example.net/", code="DNS_FAILED", reason="no answer")]
+    assert run_render("refused_subrequest", rendered(render=Render(refused=others))) == []
+
+
+DECOY = ("Our bakery has served the neighbourhood since 1952 with sourdough, rye and seasonal "
+         "pastries. Visit our shop on the corner of Main Street, open every morning from seven. "
+         "We bake everything on site and deliver to restaurants across town every day.")
+
+
+def test_cloaking_static_decoy_and_rendered_lure_differ() -> None:
+    static = report(PAGE, "Corner Bakery - fresh bread", text=DECOY)
+    lure = rendered(title="Microsoft 365 - verify", text="Sign in to continue to Outlook "
+                    "Your mailbox is full enter your password to verify")
+    [signal] = run_render("render_cloaking", lure, static)
+    assert "Corner Bakery" in signal.evidence
+    # The same page after scripts (title kept, text grown), or an app's tiny static shell,
+    # or a browser that went elsewhere (the redirect rules speak then): nothing.
+    grown = rendered(title="Corner Bakery - fresh bread", text=DECOY + " Order online now.")
+    assert run_render("render_cloaking", grown, static) == []
+    shell = report(PAGE, "App", text="Please enable JavaScript")
+    assert run_render("render_cloaking", lure, shell) == []
+    away = rendered("https://elsewhere.example.net/", title="Microsoft 365", text="Sign in now")
+    assert run_render("render_cloaking", away, static) == []
+
+
+def test_a_refused_port_is_policy_also_in_the_browsers_wording() -> None:
+    """The browser image words a refusal `URL: reason`; a port refusal is still not a probe."""
+    hops = [RedirectHop(url=PAGE, status=None, location="http://site-b.example/x", kind="meta")]
+    r = report(PAGE).model_copy(update={"redirects": hops, "error": ReportError(
+        code="BLOCKED_TARGET",
+        message="http://site-b.example/x: port 8443 is not in the allowed ports")})
+    assert run("redirect_to_blocked_target", PAGE, r) == []
+    probe = r.model_copy(update={"error": ReportError(
+        code="BLOCKED_TARGET", message="http://site-b.example/x: 10.0.0.5 is private")})
+    assert [s.name for s in run("redirect_to_blocked_target", PAGE, probe)] == [
+        "redirect_to_blocked_target"]

@@ -29,6 +29,7 @@ from safeurl_worker.runner import (
     RunStatus,
     container_config,
     parse_report,
+    render_config,
 )
 
 from .conftest import FETCHER_IMAGE, TestNet, _derived_image, docker
@@ -94,6 +95,26 @@ def test_stdin_form_differs_from_the_docker_run_form_only_in_how_the_url_arrives
     assert not argv["OpenStdin"] and not argv["AttachStdout"]
     assert warm["Labels"] == {LABEL_JOB: "", LABEL_WORKER: s.worker_id}  # no job yet
     assert cold["Labels"] == argv["Labels"] == {LABEL_JOB: str(job), LABEL_WORKER: s.worker_id}
+
+
+def test_render_config_is_the_sandbox_with_the_browsers_image_limits_and_cap() -> None:
+    s = load_settings(fetcher_network="none", browser_memory_limit_mb=1024,
+                      browser_pids_limit=256, browser_output_max_bytes=4 << 20)
+    job = uuid.uuid4()
+    fetcher, browser = container_config(s, job), render_config(s, job)
+    assert browser["Image"] == s.browser_image != fetcher["Image"]
+    hc = browser["HostConfig"]
+    assert hc["Memory"] == hc["MemorySwap"] == 1024 * 2**20 and hc["PidsLimit"] == 256
+    assert browser["Env"] == [*fetcher["Env"], f"RENDER_MAX_OUTPUT_BYTES={4 << 20}"]
+    swapped = {"Memory", "MemorySwap", "PidsLimit"}
+    # Everything else is the fetcher's sandbox, setting for setting (user, read-only root,
+    # caps, tmpfs, ulimits, network, DNS, runtime, labels, the URL on stdin).
+    assert {k: v for k, v in hc.items() if k not in swapped} == \
+        {k: v for k, v in fetcher["HostConfig"].items() if k not in swapped}
+    assert {k: v for k, v in browser.items() if k not in ("Image", "Env", "HostConfig")} == \
+        {k: v for k, v in fetcher.items() if k not in ("Image", "Env", "HostConfig")}
+    assert runner_mod.output_cap(s, "render") == 4 << 20
+    assert runner_mod.output_cap(s, "static") == s.container_output_max_bytes
 
 
 # --- Runner against a fake daemon: every Docker call is bounded, a hung daemon is not a TIMEOUT ---
@@ -426,6 +447,43 @@ async def test_warm_container_is_renamed_for_its_job_before_it_starts() -> None:
         assert daemon.calls.index("rename") < daemon.calls.index("start")
         assert daemon.names[2].startswith(WARM_PREFIX)
     assert runner._warm == []
+
+
+class RecordingDaemon(FakeDaemon):
+    """Also keeps the config of every container created."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.configs: list[dict[str, Any]] = []
+
+    async def create(self, *, config: dict[str, Any], name: str) -> FakeDaemon:
+        self.configs.append(config)
+        return await super().create(config=config, name=name)
+
+
+@pytest.mark.usefixtures("fast_timeouts")
+async def test_render_run_is_created_at_job_time_never_warm_and_reads_its_own_cap() -> None:
+    # A render report bigger than the fetcher's cap (4096 here) but under the browser's.
+    big = orjson.dumps({**GOOD, "render": {"dom": "x" * 6000}}).decode()
+    daemon = RecordingDaemon(stdout=[big])
+    runner = make_runner(daemon, worker_concurrency=1, browser_output_max_bytes=65536)
+    async with warm_pool(runner):
+        daemon.calls.clear()
+        job = uuid.uuid4()
+        result = await runner.run(job, "http://a.test/", mode="render")
+        await runner.settle()
+        assert result.status is RunStatus.OK, result.detail
+        # No warm container was taken (no rename): one was created for the job, by its name.
+        assert "rename" not in daemon.calls and daemon.calls[0] == "create"
+        assert daemon.configs[-1] == render_config(runner.settings, job)
+        assert daemon.names[-1].startswith(f"safeurl-{job}-") and daemon.stdin == \
+            b"http://a.test/\n"
+        assert len(runner._warm) == 1  # the fetcher's warm container is still there
+        # The same report from the fetcher is over its cap.
+        daemon.stdout = [big]
+        assert (await runner.run(uuid.uuid4(), "http://a.test/")).status is \
+            RunStatus.OUTPUT_INVALID
+        await runner.settle()
 
 
 @pytest.mark.usefixtures("fast_timeouts")

@@ -92,7 +92,9 @@ def base_report(cap: Capture, proxy: EgressProxy, cfg: RenderConfig,
             tls = {"verified": True, "version": str(protocol)[:32] if protocol else None,
                    "error": None}
     error = main_error(cap, proxy)
-    final = cap.final_url if cap.final_url and cap.final_url != "about:blank" else None
+    # Chromium's own error page (a refused or failed navigation) is no URL the page went to.
+    final = cap.final_url if cap.final_url and cap.final_url.startswith(("http://", "https://")) \
+        else None
     report: dict[str, Any] = {
         "schema_version": 1, "fetcher_version": RENDER_VERSION,
         "requested_url": cap.requested_url[:netcheck.MAX_URL],
