@@ -17,7 +17,6 @@ HMAC-SHA256(CALLBACK_SECRET, f"{X-SafeURL-Timestamp}.{raw body}").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -30,6 +29,7 @@ from typing import Any
 import httpx
 import orjson
 
+from .errors import cancelled_under_us, pause
 from .fetcher import netcheck
 from .store import Store
 
@@ -122,12 +122,12 @@ class Deliverer:
             try:
                 n = await self.run_once()
             except Exception as exc:
+                cancelled_under_us()  # a cancel a client library turned into an error
                 log.warning("callback round failed", extra={"error": f"{type(exc).__name__}: "
                                                                     f"{exc}"[:300]})
                 n = 0
             if n == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), self.idle_s)
+                await pause(stopping, self.idle_s)
 
     async def run_once(self) -> int:
         """Claim the due rows and deliver them concurrently. Returns how many were tried."""

@@ -112,6 +112,9 @@ def cancelled_under_us() -> None:
 
 
 async def pause(stopping: asyncio.Event, seconds: float) -> None:
-    """Sleep, but wake at once when the worker is told to stop."""
+    """Sleep, but wake at once when the worker is told to stop (or `stopping` is any event).
+    asyncio.timeout, not wait_for: on Python 3.11 wait_for can return normally when a cancel
+    arrives as the event fires, and a loop built on it would never end."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stopping.wait()

@@ -17,7 +17,6 @@ Judging owners dead waits until Redis has answered this replica for a whole leas
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from typing import Any
 from . import ops
 from .config import Settings
 from .consumer import Consumer
+from .errors import cancelled_under_us, pause
 from .metrics import Metrics
 from .models import Job, State
 from .runner import ContainerRunner, orphan_age_s
@@ -57,14 +57,14 @@ class Janitor:
         interval = self.settings.janitor_interval_s
         lost = self.consumer.data_lost
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), interval)
+            await pause(lost, interval)
             prompt = lost.is_set()
             lost.clear()
             try:
                 if prompt or await self._leader(ttl_ms=int(interval * 3000)):
                     await self.run_once(after_data_loss=prompt)
             except Exception as exc:  # a bad round must not stop the janitor
+                cancelled_under_us()  # but a cancel a client library turned into one must
                 log.warning("janitor round failed", extra={"error": f"{type(exc).__name__}: "
                                                                     f"{exc}"[:300]})
 
@@ -93,6 +93,7 @@ class Janitor:
             try:  # each repair stands alone: one failing must not skip the others
                 done[action] = await fn()
             except Exception as exc:
+                cancelled_under_us()  # a cancel (worker stopping) that surfaced as an error
                 done[action] = 0
                 log.warning("janitor action failed", extra={
                     "action": action, "error": f"{type(exc).__name__}: {exc}"[:300]})

@@ -99,10 +99,13 @@ class Worker:
         try:
             await self.intake.run()
         finally:
-            for task in (janitor, warm):
-                if task:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+            if janitor:
+                janitor.cancel()
+                # Bounded: the exit must not wait on a cancel lost inside a client library.
+                await asyncio.wait([janitor], timeout=5)
+            if warm:
+                warm.cancel()  # its clean-up removes the warm containers: let it finish
+                await asyncio.gather(warm, return_exceptions=True)
             log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     # --- one message ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from types import SimpleNamespace
 
 import aiodocker
 import pytest
@@ -12,6 +13,7 @@ import redis.asyncio as redis
 
 from safeurl_worker.cli import wired_worker
 from safeurl_worker.config import Settings
+from safeurl_worker.janitor import Janitor
 from safeurl_worker.models import State
 from safeurl_worker.runner import Runner
 from safeurl_worker.store import Store
@@ -150,3 +152,30 @@ async def test_retention_days_prunes_old_finished_jobs(
     assert await store.get_job(old_done) is None
     assert await store.get_job(old_queued) is not None
     assert await store.get_job(recent_done) is not None
+
+
+async def test_a_cancel_that_a_client_library_turns_into_an_error_still_ends_the_loop() -> None:
+    """redis-py and asyncpg may surface a cancel that lands mid-command as a connection error;
+    the janitor's "a bad round must not stop me" must not swallow the worker's stop with it
+    (a worker once waited forever for its janitor at shutdown)."""
+    janitor = Janitor.__new__(Janitor)  # only what loop() uses
+    janitor.settings = Settings(janitor_interval_s=0.01)
+    janitor.consumer = SimpleNamespace(data_lost=asyncio.Event())  # type: ignore[assignment]
+
+    async def leader(ttl_ms: int) -> bool:
+        return True
+
+    async def a_round(after_data_loss: bool = False) -> dict[str, int]:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise ConnectionError("Connection closed by server.") from None
+        return {}
+
+    janitor._leader = leader  # type: ignore[method-assign]
+    janitor.run_once = a_round  # type: ignore[method-assign]
+    task = asyncio.create_task(janitor.loop())
+    await asyncio.sleep(0.05)  # inside a round
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    assert task in done and task.cancelled()
