@@ -7,7 +7,9 @@ An invalid value stops start-up with one message naming the variable (see `load_
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import pathlib
 import socket
 from functools import cached_property
 from typing import Literal
@@ -95,6 +97,10 @@ class Settings(BaseSettings):
     # The OCI runtime of every sandbox container (a name registered with dockerd, e.g. `runsc`
     # for gVisor: a second kernel between the page and the host); empty: the daemon's default.
     fetcher_runtime: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$|^$")
+    # A seccomp profile (JSON file) for every sandbox container instead of the daemon's built-in
+    # default, so the filter is the one pinned in the repo (deploy/seccomp/default.json) whatever
+    # the daemon's version; empty: the daemon's. The worker image sets it.
+    fetcher_seccomp_profile: str = ""
     # Keep created-but-not-started fetcher containers ready, one per free slot (the URL reaches
     # them on stdin): container creation leaves the scan's critical path. docs/sandbox.md
     warm_containers: bool = True
@@ -161,6 +167,19 @@ class Settings(BaseSettings):
     @classmethod
     def _ports(cls, v: str) -> str:
         return port_list(v)
+
+    @field_validator("fetcher_seccomp_profile")
+    @classmethod
+    def _seccomp(cls, v: str) -> str:
+        # Read once here, so a missing or broken file stops start-up instead of every scan.
+        if v:
+            try:
+                profile = json.loads(pathlib.Path(v).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read a JSON seccomp profile from {v}: {exc}") from exc
+            if not isinstance(profile, dict) or "defaultAction" not in profile:
+                raise ValueError(f"{v} is not a seccomp profile (no defaultAction)")
+        return v
 
     @field_validator("fetcher_dns")
     @classmethod

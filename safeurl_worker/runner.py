@@ -48,12 +48,14 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import aiodocker
@@ -165,6 +167,12 @@ def job_of_container(labels: dict[str, str] | None, names: list[str] | None) -> 
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _seccomp_opt(path: str) -> str:
+    """`seccomp=<JSON>`: the Engine API takes the profile's text, not a path (read once)."""
+    return "seccomp=" + orjson.dumps(orjson.loads(Path(path).read_bytes())).decode()
+
+
 def orphan_age_s(settings: Settings) -> float:
     """Older than any live scan can be (a scan is killed at the container timeout)."""
     return settings.orphan_after_s or settings.container_timeout_ms / 1000 + 60
@@ -200,7 +208,9 @@ def container_config(settings: Settings, job_id: uuid.UUID | None,
             "ReadonlyRootfs": True,
             "Tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={settings.container_tmpfs_mb}m"},
             "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges"],
+            "SecurityOpt": ["no-new-privileges",
+                            *([_seccomp_opt(settings.fetcher_seccomp_profile)]
+                              if settings.fetcher_seccomp_profile else [])],
             "Init": True,  # a Python PID 1 ignores SIGTERM; docker-init forwards it
             "Privileged": False,
             "Binds": [], "Mounts": [],

@@ -113,14 +113,28 @@ PY
   log "dockerd did not pick up the runsc runtime; see $STATE_DIR/dockerd.log"; exit 1
 }
 
+# The fetchers' network for local runs (FETCHER_NETWORK=safeurl-fetch), instead of Docker's default
+# `bridge`: a bridge of its own (br-safeurl) with no traffic between containers, and
+# deploy/firewall/docker-user.sh denying it the host and private ranges. Same name and options as
+# compose.yaml's fetch network, which Compose then finds and uses. SAFEURL_FETCH_NETWORK=0 skips it.
+fetch_network() {
+  [ "${SAFEURL_FETCH_NETWORK:-1}" = 0 ] && return 0
+  if ! docker network inspect safeurl-fetch >/dev/null 2>&1; then
+    log "creating the safeurl-fetch network (bridge br-safeurl, no inter-container traffic)"
+    docker network create --driver bridge --opt com.docker.network.bridge.name=br-safeurl \
+      --opt com.docker.network.bridge.enable_icc=false safeurl-fetch >/dev/null
+  fi
+  bash "$(dirname "$0")/../deploy/firewall/docker-user.sh" apply
+}
+
 main() {
   mkdir -p "$STATE_DIR"
   install_packages
   case "${1:-all}" in
     redis) start_redis ;;
     postgres) start_postgres ;;
-    docker) start_docker; register_runsc ;;
-    all) start_redis; start_postgres; start_docker; register_runsc ;;
+    docker) start_docker; register_runsc; fetch_network ;;
+    all) start_redis; start_postgres; start_docker; register_runsc; fetch_network ;;
     *) echo "usage: $0 [all|redis|postgres|docker]" >&2; exit 2 ;;
   esac
 }

@@ -1,5 +1,7 @@
 """Deployment artefacts: compose.yaml, deploy/kubernetes/, deploy/prometheus/prometheus-compose.yml,
-deploy/firewall/docker-user.sh. Offline and fast: no image is pulled, no container started.
+deploy/firewall/docker-user.sh, deploy/seccomp/, the Containerfile. Offline and fast: no image is
+pulled or built; one test starts a container of the fetcher image (the pinned seccomp profile).
+tests/test_compose.py runs the compose stack for real.
 
 * compose.yaml is validated by a real Compose implementation (`docker compose` v2 if the plugin
   exists, else Debian's `docker-compose` v1), plus structural checks.
@@ -11,6 +13,7 @@ deploy/firewall/docker-user.sh. Offline and fast: no image is pulled, no contain
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -76,8 +79,19 @@ def k8s_kind(kind: str) -> list[dict[str, Any]]:
     return [d for _, d in k8s_docs() if d["kind"] == kind]
 
 
+def _defaults(value: Any) -> Any:
+    """`${NAME:-default}` -> default throughout: compose.yaml as it runs with no variable set."""
+    if isinstance(value, str):
+        return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+    if isinstance(value, dict):
+        return {k: _defaults(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_defaults(v) for v in value]
+    return value
+
+
 def compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    data: dict[str, Any] = _defaults(yaml.safe_load(COMPOSE.read_text()))
     return data
 
 
@@ -137,6 +151,7 @@ def test_compose_worker_is_scalable_and_wired() -> None:
     assert env["FETCHER_NETWORK"] == c["networks"]["fetch"]["name"] == "safeurl-fetch"
     assert env["METRICS_PORT"] == "9400"
     assert "/var/run/docker.sock:/var/run/docker.sock" in w["volumes"]
+    assert "group_add" not in w, "the entrypoint finds the socket's group; no DOCKER_GID"
     deps = w["depends_on"]
     assert deps["redis"]["condition"] == deps["postgres"]["condition"] == "service_healthy"
     assert deps["migrate"]["condition"] == "service_completed_successfully"
@@ -158,12 +173,43 @@ def test_compose_fetch_network_is_separate_from_redis_and_postgres() -> None:
     assert svc["migrate"]["command"] == ["migrate"]
     assert c["networks"]["backend"]["internal"] is True
     assert "--appendonly" in svc["redis"]["command"]
-    opts = c["networks"]["fetch"]["driver_opts"]
+    fetch = c["networks"]["fetch"]
+    opts = fetch["driver_opts"]
     # The firewall script and docs/sandbox.md name this bridge.
     assert opts["com.docker.network.bridge.name"] == "br-safeurl"
+    assert opts["com.docker.network.bridge.enable_icc"] == "false"
+    assert fetch["internal"] == "false", "fetchers need the internet; only tests make it internal"
     assert "br-safeurl" in FIREWALL.read_text()
     for name in ("redis", "postgres", "prometheus"):
         assert "healthcheck" in svc[name]
+
+
+def test_compose_images_are_variables_with_public_defaults() -> None:
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    for service, var in (("redis", "REDIS_IMAGE"), ("postgres", "POSTGRES_IMAGE"),
+                         ("prometheus", "PROMETHEUS_IMAGE"), ("worker", "WORKER_IMAGE"),
+                         ("migrate", "WORKER_IMAGE"), ("fetcher-image", "FETCHER_IMAGE")):
+        assert raw[service]["image"].startswith("${" + var + ":-"), service
+    for service in ("worker", "migrate", "fetcher-image"):
+        build = raw[service]["build"]
+        assert build["dockerfile"] == "Containerfile" and build["context"] == "."
+        assert set(build["args"]) == {"BASE_IMAGE", "WHEELHOUSE", "PIP_OFFLINE", "VERSION",
+                                      "REVISION", "CREATED"}
+
+
+def test_compose_worker_gets_the_socket_group_and_drops_root() -> None:
+    """Starts as root with SETUID/SETGID only; the entrypoint adds the socket's group and drops
+    to 10001 (run for real in tests/test_compose.py)."""
+    w = compose()["services"]["worker"]
+    assert w["user"] == "0:0"
+    assert w["cap_drop"] == ["ALL"] and sorted(w["cap_add"]) == ["SETGID", "SETUID"]
+    assert "no-new-privileges:true" in w["security_opt"] and w["read_only"] is True
+    entry = (ROOT / "deploy" / "images" / "worker-entrypoint.sh").read_text()
+    assert 'stat -c %g "$socket"' in entry
+    assert "setpriv --reuid=10001 --regid=10001" in entry
+    assert "init" not in w, "tini is the image's PID 1"
+    text = (ROOT / "Containerfile").read_text()
+    assert 'ENTRYPOINT ["tini", "--", "safeurl-entrypoint"]' in text
 
 
 def test_prometheus_compose_scrapes_every_worker_replica() -> None:
@@ -483,3 +529,64 @@ def test_firewall_script_applies_in_a_scratch_network_namespace() -> None:
         assert "SAFEURL-FETCH" not in in_ns("iptables", "-S")
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# --------------------------------------------------------------------------- seccomp
+
+SECCOMP = ROOT / "deploy" / "seccomp" / "default.json"
+
+
+def test_seccomp_profile_is_the_pinned_engine_default() -> None:
+    """The file is the one deploy/seccomp/README.md names (checksum), and a whitelist."""
+    digest = hashlib.sha256(SECCOMP.read_bytes()).hexdigest()
+    assert digest in (SECCOMP.parent / "README.md").read_text()
+    profile = json.loads(SECCOMP.read_text())
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    allowed = {n for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW"
+               for n in rule["names"]}
+    assert {"read", "write", "connect", "execve"} <= allowed
+    # Reachable only with capabilities the sandbox drops (CAP_SYS_ADMIN, ...), never by default.
+    unconditional = {n for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW"
+                     and not rule.get("includes") and not rule.get("excludes")
+                     for n in rule["names"]}
+    assert not {"mount", "unshare", "setns", "bpf", "ptrace", "kexec_load"} & unconditional
+    assert "/etc/safeurl/seccomp/default.json" in (ROOT / "Containerfile").read_text()
+
+
+@pytest.mark.integration
+def test_seccomp_profile_is_enforced_by_this_engine() -> None:
+    """Docker accepts the pinned profile, and under it a sandbox-like container cannot make a
+    user namespace, which it can with no profile at all: the filter is really applied."""
+    image = os.environ.get("FETCHER_IMAGE", "safeurl-fetcher:latest")
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True,
+                      timeout=30).returncode != 0:
+        pytest.skip(f"{image} not built (scripts/build-images.sh)")
+    code = ("import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+            "r = libc.unshare(0x10000000); print(r, os.strerror(ctypes.get_errno()))")
+
+    def unshare(profile: str) -> str:
+        out = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", "--cap-drop", "ALL",
+             "--security-opt", "no-new-privileges", "--security-opt", f"seccomp={profile}",
+             "--entrypoint", "python3", image, "-c", code],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert unshare(str(SECCOMP)).startswith("-1 ")
+    unconfined = unshare("unconfined")
+    if not unconfined.startswith("0 "):
+        pytest.skip(f"user namespaces are off on this kernel ({unconfined}): nothing to compare")
+
+
+def test_local_scripts_make_the_same_isolated_fetch_network() -> None:
+    """scripts/services.sh creates safeurl-fetch with compose.yaml's options (so Compose reuses
+    it) and applies the firewall to its bridge."""
+    script = (ROOT / "scripts" / "services.sh").read_text()
+    fetch = compose()["networks"]["fetch"]
+    assert f"network create --driver {fetch['driver']}" in script
+    for key, value in fetch["driver_opts"].items():
+        assert f"--opt {key}={value}" in script, key
+    assert f" {fetch['name']} >/dev/null" in script
+    assert "deploy/firewall/docker-user.sh\" apply" in script
+    assert re.search(r"^\s*all\) .*fetch_network", script, re.M)
