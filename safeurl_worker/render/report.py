@@ -174,24 +174,24 @@ def _add_artifacts(report: dict[str, Any], cap: Capture, cfg: RenderConfig) -> N
     def left() -> int:
         return cfg.max_output - 1 - reportfit.encoded_size(report) - margin
 
-    if cap.screenshot is not None:
-        shot = _image(cap.screenshot, cap.screenshot_type)
+    def fit_image(key: str, data: bytes | None, kind: str) -> None:
+        # A screenshot goes in whole or not at all (a cut image is no image): counted if not.
+        if data is None:
+            return
+        shot = _image(data, kind)
         if reportfit.encoded_size(shot) <= left():
-            render["screenshot"] = shot
+            render[key] = shot
         else:
-            render["truncated"]["render.screenshot"] = 1
+            render["truncated"][f"render.{key}"] = 1
+
+    fit_image("screenshot", cap.screenshot, cap.screenshot_type)
     if cap.dom is not None:
         data = cap.dom.encode("utf-8", "replace")
         render["dom_size"], render["dom_sha256"] = len(data), hashlib.sha256(data).hexdigest()
         budget = min(cfg.max_dom_bytes, max(0, left() - 16))
         dom = reportfit.cut_to_bytes(fetch.clean(cap.dom), budget)
         render["dom"], render["dom_truncated"] = dom, len(dom) < len(cap.dom)
-    if cap.full_page is not None:
-        shot = _image(cap.full_page, cap.full_page_type)
-        if reportfit.encoded_size(shot) <= left():
-            render["full_page"] = shot
-        else:
-            render["truncated"]["render.full_page"] = 1
+    fit_image("full_page", cap.full_page, cap.full_page_type)
 
 
 def _image(data: bytes, kind: str) -> dict[str, Any]:
