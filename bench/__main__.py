@@ -7,6 +7,7 @@
   5. scale-out: 1, 2 and 4 replicas on the no-op path, with the CPU split by process
   6. latency: submit -> terminal of one scan on an idle worker vs `docker run --rm` (latency.py)
   7. render scans/s vs static scans/s at concurrency 1 and 4, through the worker (render.py)
+  8. lanes: interactive latency under a bulk flood, with lanes and in one lane (lanes.py)
 Every part runs its systems in alternating rounds (A B C A B C ...) and prints each figure, and
 each ratio (computed within a round), as `median (min-max)` over the rounds. Writes every round
 to docs/bench/results.json and the medians with their ranges to docs/bench/results.png.
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from . import competitors, latency, render
+from . import competitors, lanes, latency, render
 from .harness import alternate, cpu_by_role, percentile, ratios, show, spawn, summarize
 from .ours import enqueue, run_ours, running, start_worker, wait_completed
 
@@ -305,6 +306,8 @@ def table(res: dict[str, Any]) -> str:
                 str(lv["concurrency"]), str(lv["scans"]), show(s["static"]["scans_per_s"], ".2f"),
                 show(s["render"]["scans_per_s"], ".2f"), show(lv["ratio"], ".2f"),
                 show(s["render"]["p50_s"], ".1f"))))
+    if p := res.get("part8"):
+        lines += lanes.table(p, w)
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -334,6 +337,9 @@ def chart(res: dict[str, Any], path: Path) -> None:
                         for mode in ("static", "render")}))
     if p := res.get("part6"):
         panels.append(("latency: p50 ms, submit -> terminal", list(p["summary"]),
+                       {"": [s["p50_ms"] for s in p["summary"].values()]}))
+    if p := res.get("part8"):
+        panels.append(("latency: interactive p50 ms under a bulk flood", list(p["summary"]),
                        {"": [s["p50_ms"] for s in p["summary"].values()]}))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, xs, series) in zip(axes[0], panels, strict=True):
@@ -367,7 +373,13 @@ def main() -> None:
     ap.add_argument("--render-scans", type=int, default=3,
                     help="part 7 scans per round, per unit of concurrency")
     ap.add_argument("--render-concurrency", default="1,4")
-    ap.add_argument("--parts", default="1,2,3,5,6,7")
+    ap.add_argument("--flood-jobs", type=int, default=300, help="part 8 bulk jobs per round")
+    ap.add_argument("--interactive-jobs", type=int, default=20,
+                    help="part 8 interactive jobs per round")
+    ap.add_argument("--job-seconds", type=float, default=0.2, help="part 8 stub job length")
+    ap.add_argument("--lane-systems", default="lanes,one_lane",
+                    help=f"part 8 systems, of {','.join(lanes.SYSTEMS)}")
+    ap.add_argument("--parts", default="1,2,3,5,6,7,8")
     ap.add_argument("--systems", default="saq,arq,celery")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/5")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
@@ -384,7 +396,7 @@ def main() -> None:
         res = {**{k: v for k, v in old.items() if not k.startswith("part")
                   or "summary" in v or "levels" in v}, **res}
     for part, run in (("1", part1), ("2", part2), ("3", part3), ("5", part5), ("6", part6),
-                      ("7", part7)):
+                      ("7", part7), ("8", lanes.part8)):
         if part in a.parts.split(","):
             res[f"part{part}"] = run(a)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import uvloop
 from safeurl_worker.cli import _install_signals, wired_worker
 from safeurl_worker.config import Settings
 from safeurl_worker.models import Report
-from safeurl_worker.runner import RunResult, RunStatus
+from safeurl_worker.runner import Mode, RunResult, RunStatus
 from safeurl_worker.store import Store, create_pool
 
 from .harness import Result, read_proc, spawn, stop
@@ -45,7 +45,7 @@ class StubRunner:
         self.delay_s = delay_s
         self.result = RunResult(RunStatus.OK, report=STUB_REPORT, exit_code=0)
 
-    async def run(self, job_id: uuid.UUID, url: str) -> RunResult:
+    async def run(self, job_id: uuid.UUID, url: str, mode: Mode = "static") -> RunResult:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         return self.result
@@ -105,6 +105,8 @@ class BenchEnv:
                 "WORKER_ID": worker_id, "WORKER_CONCURRENCY": str(concurrency),
                 "METRICS_PORT": "0", "LOG_LEVEL": "INFO", "READ_BATCH": str(concurrency),
                 "RESULT_CACHE_TTL_S": "0",  # every job takes the full path
+                # The competitors have no politeness gate, and every bench job has one URL.
+                "PER_DOMAIN_CONCURRENCY": "0",
                 **extra}
 
 

@@ -4,6 +4,7 @@
   safeurl-worker api                 the HTTP API and the callback deliverer (docs/api.md)
   safeurl-worker migrate             create or update the schema (idempotent)
   safeurl-worker submit URL [--wait] insert a QUEUED job and XADD its id, as the API service does
+                                     (--lane L --tenant T; exit 75 when T's quota is full)
   safeurl-worker status [JOB_ID]     fleet status table (or --json); one job as JSON, with its
                                      artifacts (--screenshot FILE writes a render's screenshot)
   safeurl-worker check               verify the delivery invariants
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import secrets
 import sys
 import uuid
@@ -32,11 +34,11 @@ import uvloop
 
 from . import __version__, brands, ops
 from .api.config import SCOPES, hash_token, load_api_settings
-from .config import ConfigError, Settings, load_settings
+from .config import TENANT_PATTERN, ConfigError, Settings, load_settings
 from .intake import DuplicateWorkerId
 from .logs import setup_logging
 from .runner import LABEL_JOB, job_of_container
-from .store import Store, Submission
+from .store import QuotaExceeded, Store, Submission
 from .wiring import (
     consumer_for,
     install_signals,
@@ -62,12 +64,28 @@ async def cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+# `submit` refused by the tenant's queued-scans quota: sysexits' EX_TEMPFAIL, "try again later",
+# distinct from a failed scan (1) and a usage error or --wait timeout (2).
+EXIT_QUOTA = 75
+
+
 async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    if args.lane is not None and args.lane not in settings.lane_weights:
+        print(f"safeurl-worker submit: lane {args.lane!r} is not configured; the lanes are: "
+              f"{', '.join(settings.lane_weights)}", file=sys.stderr)
+        return 2
+    lane = None if args.lane == "default" else args.lane
     async with store_for(settings) as store:
         consumer = consumer_for(settings)
         try:
-            got = await ops.submit_scan(store, consumer,
-                                        Submission(uuid.uuid4(), args.url, mode=args.mode))
+            sub = Submission(uuid.uuid4(), args.url, mode=args.mode, lane=lane,
+                             tenant=args.tenant)
+            try:
+                got = await ops.submit_scan(store, consumer, sub,
+                                            ops.max_queued(settings, args.tenant))
+            except QuotaExceeded as exc:
+                print(f"safeurl-worker submit: refused: {exc}", file=sys.stderr)
+                return EXIT_QUOTA
             job_id = got.id
             if not args.wait:
                 print(job_id)
@@ -250,7 +268,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not args.stdin:
         print(f"token (give it to the client; it is not stored anywhere): {token}",
               file=sys.stderr)
-    print(f"{args.name}:{hash_token(token)}:{'+'.join(scopes)}")
+    bound = f":{args.tenant}" if args.tenant else ""
+    print(f"{args.name}:{hash_token(token)}:{'+'.join(scopes)}{bound}")
     return 0
 
 
@@ -270,6 +289,14 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _json(obj: Any) -> str:
     return orjson.dumps(obj, default=str, option=orjson.OPT_INDENT_2).decode()
+
+
+def _tenant(value: str) -> str:
+    if not re.match(TENANT_PATTERN, value):
+        raise argparse.ArgumentTypeError(
+            f"not a tenant name: {value!r} (1-64 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit)")
+    return value
 
 
 def _uuid(value: str) -> uuid.UUID:
@@ -300,15 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
                    epilog="example: DATABASE_URL=postgresql://db/safeurl safeurl-worker migrate"
                    ).set_defaults(fn=cmd_migrate)
     s = sub.add_parser("submit", help="queue a scan as the API service would",
-                       epilog="example: safeurl-worker submit https://example.org --wait")
+                       epilog="example: safeurl-worker submit https://example.org --wait; "
+                       "safeurl-worker submit https://example.org --lane bulk --tenant acme. "
+                       "Exit status: 0 queued (with --wait: completed), 1 failed, 2 usage "
+                       f"error or --wait timed out, {EXIT_QUOTA} refused by the tenant's "
+                       "queued-scans quota (one line on stderr: try again later).")
     s.add_argument("url")
     s.add_argument("--wait", action="store_true", help="wait and print the result as JSON")
     s.add_argument("--timeout", type=float, default=120, help="seconds to wait (default 120)")
     s.add_argument("--brief", action="store_true", help="with --wait: a short summary, not JSON")
     s.add_argument("--mode", choices=["static", "render"],
                    help="scan mode (default: the worker's SCAN_MODE): render runs a browser")
+    s.add_argument("--lane", help="priority lane, one of LANES (default: default)")
+    s.add_argument("--tenant", type=_tenant,
+                   help="the tenant the scan counts against (its quota and fair share)")
     s.set_defaults(fn=cmd_submit)
-    st = sub.add_parser("status", help="fleet status, or one job's row, result and audit trail",
+    st = sub.add_parser("status", help="fleet status (with queued/running per lane and tenant), "
+                        "or one job's row, result and audit trail",
                         epilog="examples: safeurl-worker status; safeurl-worker status --json; "
                         "safeurl-worker status 3f2c8a4e-...; "
                         "safeurl-worker status 3f2c8a4e-... --screenshot shot.png")
@@ -362,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--scopes", default="read", help="comma-separated: submit, read, operate")
     tk.add_argument("--stdin", action="store_true", help="hash the token read from stdin "
                     "instead of making one")
+    tk.add_argument("--tenant", type=_tenant, help="bind the token to a tenant: its scans "
+                    "are that tenant's")
     tk.set_defaults(fn=None, sync=cmd_token)
     return p
 
@@ -407,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return uvloop.run(fn(settings, args))
     except KeyboardInterrupt:
         return 130
-    except DuplicateWorkerId as exc:
+    except (DuplicateWorkerId, ConfigError) as exc:  # ConfigError: FETCHER_NETWORK missing
         print(f"safeurl-worker: invalid configuration: {exc}", file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,

@@ -10,14 +10,20 @@ import ipaddress
 import json
 import os
 import pathlib
+import re
 import socket
 from functools import cached_property
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .fetcher.fetch import USER_AGENT as DEFAULT_USER_AGENT
+
+# Lane and tenant names: they become parts of stream names and metric labels.
+LANE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+RESERVED_LANES = frozenset({"dead", "t"})  # SCAN_STREAM:dead is the dead-letter stream
 
 
 class ConfigError(Exception):
@@ -79,8 +85,31 @@ class Settings(BaseSettings):
     # The janitor prunes finished jobs older than this many days (`prune`); 0: keep everything.
     retention_days: float = Field(default=0, ge=0)
 
+    # --- scheduling (docs/contract.md, "Lanes, tenants and politeness") ---
+    # `name:weight` pairs, highest priority first. Each lane is its own stream (`default` is
+    # SCAN_STREAM itself, lane L is `SCAN_STREAM:L`), read by smooth weighted round-robin, so a
+    # busy lane slows the others down by its weight but never starves them.
+    lanes: str = "interactive:6,default:3,bulk:1"
+    # At most this many scans of one registrable domain in flight across the fleet; 0: no limit.
+    per_domain_concurrency: int = Field(default=2, ge=0, le=10_000)
+    # And at least this long between two scans of one domain starting; 0: none.
+    per_domain_interval_ms: int = Field(default=0, ge=0, le=3_600_000)
+    # How many jobs a replica keeps waiting for their domain (outside the slots) before it
+    # stops reading more: a bound on memory, not a limit users should meet.
+    max_deferred: int = Field(default=1000, ge=1, le=100_000)
+    # Per-tenant quotas: queued (refused at submission beyond it) and in flight across the fleet
+    # (not read beyond it); 0: no limit. TENANT_QUOTAS overrides them per tenant, as JSON:
+    # {"acme": {"max_queued": 50000, "max_in_flight": 8}}.
+    tenant_max_queued: int = Field(default=10_000, ge=0)
+    tenant_max_in_flight: int = Field(default=0, ge=0)
+    tenant_quotas: str = ""
+
     # --- fetcher sandbox ---
-    fetcher_network: str = "bridge"
+    # The Docker network of every sandbox container. The default is the isolated one that
+    # scripts/services.sh and compose.yaml create (own bridge, no traffic between containers,
+    # the firewall of deploy/firewall/); a network that does not exist stops start-up
+    # (runner.check_network), never a silent fallback to Docker's shared `bridge`.
+    fetcher_network: str = Field(default="safeurl-fetch", min_length=1)
     container_pids_limit: int = Field(default=64, ge=8)
     container_tmpfs_mb: int = Field(default=16, ge=1)
     container_output_max_bytes: int = Field(default=1_048_576, ge=4096)
@@ -97,10 +126,11 @@ class Settings(BaseSettings):
     # The OCI runtime of every sandbox container (a name registered with dockerd, e.g. `runsc`
     # for gVisor: a second kernel between the page and the host); empty: the daemon's default.
     fetcher_runtime: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$|^$")
-    # A seccomp profile (JSON file) for every sandbox container instead of the daemon's built-in
-    # default, so the filter is the one pinned in the repo (deploy/seccomp/default.json) whatever
-    # the daemon's version; empty: the daemon's. The worker image sets it.
-    fetcher_seccomp_profile: str = ""
+    # The seccomp profile (a JSON file) of every sandbox container, so the filter is the one
+    # pinned in the package (data/seccomp-default.json, Docker 20.10.24's default) whatever the
+    # daemon's version. Empty: that shipped profile (resolved to its path by the validator);
+    # `daemon`: the daemon's built-in profile instead. Never unconfined.
+    fetcher_seccomp_profile: str = Field(default="", validate_default=True)
     # Keep created-but-not-started fetcher containers ready, one per free slot (the URL reaches
     # them on stdin): container creation leaves the scan's critical path. docs/sandbox.md
     warm_containers: bool = True
@@ -171,14 +201,16 @@ class Settings(BaseSettings):
     @field_validator("fetcher_seccomp_profile")
     @classmethod
     def _seccomp(cls, v: str) -> str:
+        if v == "daemon":
+            return v
+        v = v or str(pathlib.Path(__file__).with_name("data") / "seccomp-default.json")
         # Read once here, so a missing or broken file stops start-up instead of every scan.
-        if v:
-            try:
-                profile = json.loads(pathlib.Path(v).read_bytes())
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"cannot read a JSON seccomp profile from {v}: {exc}") from exc
-            if not isinstance(profile, dict) or "defaultAction" not in profile:
-                raise ValueError(f"{v} is not a seccomp profile (no defaultAction)")
+        try:
+            profile = json.loads(pathlib.Path(v).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read a JSON seccomp profile from {v}: {exc}") from exc
+        if not isinstance(profile, dict) or "defaultAction" not in profile:
+            raise ValueError(f"{v} is not a seccomp profile (no defaultAction)")
         return v
 
     @field_validator("fetcher_dns")
@@ -204,6 +236,18 @@ class Settings(BaseSettings):
             ipaddress.ip_network(c, strict=False)  # raises ValueError with the bad value
         return ",".join(cidrs)
 
+    @field_validator("lanes")
+    @classmethod
+    def _lanes(cls, v: str) -> str:
+        parse_lanes(v)  # raises ValueError naming what is wrong
+        return v
+
+    @field_validator("tenant_quotas")
+    @classmethod
+    def _tenant_quotas(cls, v: str) -> str:
+        parse_quotas(v)
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.lease_renew_ms >= self.lease_timeout_ms:
@@ -211,6 +255,17 @@ class Settings(BaseSettings):
         if self.suspicious_threshold >= self.malicious_threshold:
             raise ValueError("SUSPICIOUS_THRESHOLD must be below MALICIOUS_THRESHOLD")
         return self
+
+    @cached_property
+    def lane_weights(self) -> dict[str, int]:
+        """Lane -> weight, highest priority first."""
+        return parse_lanes(self.lanes)
+
+    def quota(self, tenant: str) -> Quota:
+        """The quotas of one tenant: its TENANT_QUOTAS entry, else the defaults."""
+        own = parse_quotas(self.tenant_quotas).get(tenant)
+        return own or Quota(max_queued=self.tenant_max_queued,
+                            max_in_flight=self.tenant_max_in_flight)
 
     @cached_property
     def redis_dsn(self) -> str:
@@ -240,6 +295,49 @@ class Settings(BaseSettings):
             # The fetcher cuts its report to the size the runner reads.
             "FETCH_MAX_OUTPUT_BYTES": str(self.container_output_max_bytes),
         }
+
+
+class Quota(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_queued: int = Field(default=0, ge=0)  # 0: no limit
+    max_in_flight: int = Field(default=0, ge=0)
+
+
+def parse_lanes(v: str) -> dict[str, int]:
+    """`interactive:6,default:3,bulk:1` -> {lane: weight}; ValueError says what is wrong."""
+    lanes: dict[str, int] = {}
+    for part in (p.strip() for p in v.split(",") if p.strip()):
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        if not re.match(LANE_PATTERN, name) or name in RESERVED_LANES:
+            raise ValueError(f"lane {name!r}: names are lower-case letters, digits, - and _ "
+                             f"(not {', '.join(sorted(RESERVED_LANES))})")
+        if not weight.strip().isdigit() or not 1 <= int(weight) <= 1000:
+            raise ValueError(f"lane {name!r}: the weight must be a whole number 1-1000")
+        if name in lanes:
+            raise ValueError(f"lane {name!r} is listed twice")
+        lanes[name] = int(weight)
+    if "default" not in lanes:
+        raise ValueError("the lanes must include `default` (the plain SCAN_STREAM)")
+    return lanes
+
+
+def parse_quotas(v: str) -> dict[str, Quota]:
+    if not v.strip():
+        return {}
+    try:
+        raw = json.loads(v)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError('must be a JSON object: {"tenant": {"max_queued": n, ...}}')
+    quotas = {}
+    for tenant, q in raw.items():
+        if not re.match(TENANT_PATTERN, tenant):
+            raise ValueError(f"tenant {tenant!r} is not a valid tenant name")
+        quotas[tenant] = Quota.model_validate(q)
+    return quotas
 
 
 def load_settings(**overrides: object) -> Settings:

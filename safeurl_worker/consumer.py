@@ -19,8 +19,16 @@ stream queries all live here, so the rules of message ownership are in one room:
   on the spot and reported through `data_lost`, so the janitor recovers the lost jobs from
   PostgreSQL at once.
 
+Queues (docs/contract.md, "Lanes, tenants and politeness"): each lane is a stream (`default` is
+SCAN_STREAM itself, lane L is `SCAN_STREAM:L`), and a tenant's jobs in a lane have a queue of
+their own (`<lane stream>:t:<tenant>`, listed in a registry set), all with the same group and the
+same contract. `read` takes one entry at a time by smooth weighted round-robin over the lanes
+and round-robin over a lane's queues, so a busy lane or a tenant with a huge backlog gets its
+share and no more; a tenant at its in-flight quota (its queue's pending count) is skipped. A
+message carries its queue, and every per-message call goes to that queue's stream.
+
 The Lua scripts touch the heartbeat keys by name: they share the stream's hash tag, so all keys
-live in one slot.
+live in one slot (on Redis Cluster, give SCAN_STREAM a hash tag: `{scan-jobs}`).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as redis
@@ -97,6 +105,156 @@ return 0
 """
 STOPPED = "stopped:"
 
+# Take up to ARGV[3] entries, one at a time: smooth weighted round-robin over the lanes, then
+# round-robin over the lane's queues from its cursor. A queue is skipped once empty, or once
+# its tenant's pending count reaches its cap. A missing group is created (a new tenant queue;
+# for a lane stream that is a loss, reported). KEYS: the queues, lane by lane, the lane stream
+# first, then the registry's doorbell stream. ARGV: group, consumer, count, nlanes, per lane
+# {weight, current, cursor}, per queue {lane index, cap}. Returns {entries {queue, id, fields},
+# currents, cursors, lost lanes, waits {key index, last id}} - waits only when nothing was
+# read: where to block for new entries (the doorbell rings when a tenant queue is added).
+_READ = """
+local group, consumer, want, nl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local nq = #KEYS - 1  -- KEYS[#KEYS]: the doorbell
+local lanes, a = {}, 5
+for l = 1, nl do
+  lanes[l] = {w = tonumber(ARGV[a]), cur = tonumber(ARGV[a + 1]),
+              cursor = tonumber(ARGV[a + 2]), qs = {}, done = false}
+  a = a + 3
+end
+local caps, first = {}, {}
+for q = 1, nq do
+  local l = tonumber(ARGV[a]); caps[q] = tonumber(ARGV[a + 1]); a = a + 2
+  if #lanes[l].qs == 0 then first[q] = true end
+  table.insert(lanes[l].qs, q)
+end
+local done, taken, lost = {}, {}, {}
+
+local function xread(q)
+  return redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[q], '>')
+end
+
+local function read_one(q)
+  if caps[q] > 0 then
+    if taken[q] == nil then
+      local p = redis.pcall('XPENDING', KEYS[q], group)
+      taken[q] = (type(p) == 'table' and not p.err) and tonumber(p[1]) or 0
+    end
+    if taken[q] >= caps[q] then done[q] = 'cap'; return nil end
+  end
+  local r = xread(q)
+  if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'NOGROUP') then error(r.err) end
+    if first[q] then
+      redis.call('XGROUP', 'CREATE', KEYS[q], group, '0', 'MKSTREAM')
+      lost[#lost + 1] = KEYS[q]
+    elseif redis.call('EXISTS', KEYS[q]) == 1 then
+      redis.call('XGROUP', 'CREATE', KEYS[q], group, '0')
+    else
+      done[q] = 'gone'; return nil
+    end
+    r = xread(q)
+  end
+  if not r then done[q] = 'empty'; return nil end
+  taken[q] = (taken[q] or 0) + 1
+  return r[1][2][1]
+end
+
+local out = {}
+while #out < want do
+  local total, best = 0, nil
+  for l = 1, nl do
+    local L = lanes[l]
+    if not L.done then
+      total = total + L.w; L.cur = L.cur + L.w
+      if best == nil or L.cur > lanes[best].cur then best = l end
+    end
+  end
+  if best == nil then break end
+  local L = lanes[best]
+  L.cur = L.cur - total
+  local entry = nil
+  for i = 0, #L.qs - 1 do
+    local k = (L.cursor + i) % #L.qs
+    local q = L.qs[k + 1]
+    if not done[q] then
+      entry = read_one(q)
+      if entry then
+        L.cursor = (k + 1) % #L.qs
+        out[#out + 1] = {q, entry[1], entry[2]}
+        break
+      end
+    end
+  end
+  if not entry then  -- nothing here: undo the lane's turn and leave it out from now on
+    for l = 1, nl do if not lanes[l].done then lanes[l].cur = lanes[l].cur - lanes[l].w end end
+    L.cur = L.cur + total
+    L.done = true
+  end
+end
+local curs, cursors, waits = {}, {}, {}
+for l = 1, nl do curs[l] = lanes[l].cur; cursors[l] = lanes[l].cursor end
+if #out == 0 then
+  for q = 1, #KEYS do
+    if done[q] == 'empty' or q == #KEYS then
+      local last = redis.call('XREVRANGE', KEYS[q], '+', '-', 'COUNT', 1)
+      waits[#waits + 1] = {q, #last > 0 and last[1][1] or '0-0'}
+    end
+  end
+end
+return {out, curs, cursors, lost, waits}
+"""
+
+# A tenant queue that holds nothing (no pending, nothing undelivered) is removed with its
+# registry entry, atomically: an enqueue (`_ENQUEUE`) comes before or after.
+_DROP_IDLE_QUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+  if not ok then return 0 end
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  for _, g in ipairs(groups) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if tonumber(f['pending']) > 0 then return 0 end
+    if #last > 0 and f['last-delivered-id'] ~= last[1][1] then return 0 end
+  end
+  if #groups == 0 and #last > 0 then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+# XADD to a tenant queue and register it in one step, so the janitor never drops a queue
+# between the two; a queue new to the registry rings the doorbell, waking blocked readers.
+_ENQUEUE = """
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100, '*', 'queue', KEYS[1])
+end
+return id
+"""
+DEFAULT_LANE = "default"
+_REFRESH_S = 1.0  # how stale this replica's list of tenant queues may be
+
+
+def lane_stream(base: str, lane: str) -> str:
+    return base if lane == DEFAULT_LANE else f"{base}:{lane}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Queue:
+    """A stream the group reads: a lane's own stream (tenant None), or a tenant's in a lane."""
+
+    stream: str
+    lane: str = DEFAULT_LANE
+    tenant: str | None = None
+
+    @staticmethod
+    def of(base: str, lane: str | None, tenant: str | None) -> Queue:
+        lane = lane or DEFAULT_LANE
+        stream = lane_stream(base, lane)
+        return Queue(f"{stream}:t:{tenant}" if tenant else stream, lane, tenant or None)
+
 
 @dataclasses.dataclass(slots=True)
 class Message:
@@ -108,9 +266,20 @@ class Message:
     reclaimed: bool = False  # taken over from a dead owner, or our own previous life
     deliveries: int = 1
     read_at: float = dataclasses.field(default_factory=time.monotonic)
+    queue: Queue | None = None  # None: the consumer's own stream (the default lane)
+
+    @property
+    def stream(self) -> str:
+        return self.queue.stream if self.queue else self.consumer.stream
+
+    @property
+    def key(self) -> str:
+        """Unique across queues (entry ids are only unique within a stream); a plain
+        SCAN_STREAM entry's key is its id."""
+        return _key(self.stream, self.message_id, self.consumer.stream)
 
     async def ack(self) -> None:
-        await self.consumer.ack_batched(self.message_id)
+        await self.consumer.ack_batched(self)
 
     async def dead_letter(self, reason: str) -> None:
         await self.consumer.dead_letter(self, reason)
@@ -132,11 +301,21 @@ def connect(dsn: str, block_ms: int = 1000) -> redis.Redis:
                                 health_check_interval=15)
 
 
+class QueueGone(Exception):
+    """A tenant queue removed while idle (nothing pending, nothing undelivered)."""
+
+
 class Consumer:
     def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str,
-                 dead_letter_stream: str, dead_letter_maxlen: int = 100_000) -> None:
+                 dead_letter_stream: str, dead_letter_maxlen: int = 100_000,
+                 lanes: dict[str, int] | None = None,
+                 max_in_flight: Callable[[str], int] | None = None) -> None:
         self.redis = client
         self.stream = stream
+        self.lanes = lanes or {DEFAULT_LANE: 1}  # lane -> weight, highest priority first
+        self.max_in_flight = max_in_flight or (lambda tenant: 0)  # a tenant's cap; 0: none
+        self.registry = f"safeurl:queues:{{{stream}}}"  # "<lane> <tenant>" of tenant queues
+        self.doorbell = f"{self.registry}:new"  # an entry per queue added: blocked reads wake
         self.group = group
         self.consumer = consumer
         self.dead_letter_stream = dead_letter_stream
@@ -144,12 +323,18 @@ class Consumer:
         self.heartbeat_prefix = f"safeurl:hb:{{{stream}}}:{group}:"
         self.data_lost = asyncio.Event()  # set when the stream or group had to be recreated
         self._last_error = time.monotonic()  # a new client has not yet proven Redis steady
-        self._cursor = "-"
+        self._cursors: dict[str, str] = {}  # reclaim's place in each queue's PEL
+        self._tenant_queues: list[Queue] = []
+        self._refreshed = -_REFRESH_S
+        self._wrr: dict[str, tuple[int, int]] = {}  # lane -> (current weight, queue cursor)
         self._ack_ids: list[str] = []
         self._ack_waiters: list[asyncio.Future[None]] = []
         self._ack_flusher: asyncio.Task[None] | None = None
         self._renew = client.register_script(_RENEW)
         self._reclaim = client.register_script(_RECLAIM)
+        self._read = client.register_script(_READ)
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._drop_idle = client.register_script(_DROP_IDLE_QUEUE)
         self._dead_letter = client.register_script(_DEAD_LETTER)
         self._stop_beat = client.register_script(_STOP_BEAT)
         self._run_id: str | None = None
@@ -157,12 +342,15 @@ class Consumer:
     # --- health ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _talk(self) -> AsyncIterator[None]:
+    async def _talk(self, queue: Queue | None = None) -> AsyncIterator[None]:
         """Every call goes through here: an outage is remembered (see `steady_for`), and a
-        missing group is recreated before the error is passed on to be retried."""
+        missing group is recreated before the error is passed on to be retried. A tenant
+        queue without its group was removed while idle: `QueueGone`."""
         try:
             yield
         except ResponseError as exc:
+            if str(exc).startswith("NOGROUP") and queue is not None and queue.tenant:
+                raise QueueGone(queue.stream) from exc
             if str(exc).startswith("NOGROUP"):
                 self._last_error = time.monotonic()
                 await self.ensure_group()
@@ -178,15 +366,42 @@ class Consumer:
         return time.monotonic() - self._last_error
 
     async def ensure_group(self) -> None:
-        """Create the group (and the stream) if missing. Id 0: entries XADDed before any worker
-        existed are delivered too (entries already done are recognised and acked)."""
-        try:
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        # Visible in XINFO CONSUMERS from the start, not only after a first delivery.
-        await self.redis.xgroup_createconsumer(self.stream, self.group, self.consumer)
+        """Create the group (and the stream) of every lane if missing. Id 0: entries XADDed
+        before any worker existed are delivered too (entries already done are recognised and
+        acked). Tenant queues get theirs when first read."""
+        for lane in self.lanes:
+            stream = lane_stream(self.stream, lane)
+            try:
+                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            # Visible in XINFO CONSUMERS from the start, not only after a first delivery.
+            await self.redis.xgroup_createconsumer(stream, self.group, self.consumer)
+
+    # --- queues -------------------------------------------------------------------------------
+
+    async def queues(self, fresh: bool = False) -> list[Queue]:
+        """Every queue, lane by lane in priority order, the lane's own stream first. The
+        tenant queues come from the registry, re-read at most every second (or when `fresh`)."""
+        if fresh or time.monotonic() - self._refreshed >= _REFRESH_S:
+            async with self._talk():
+                members = await self.redis.smembers(self.registry)
+            found = []
+            for m in sorted(_s(x) for x in members):
+                lane, _, tenant = m.partition(" ")
+                if lane in self.lanes and tenant:  # a lane this replica does not read: skip
+                    found.append(Queue.of(self.stream, lane, tenant))
+            self._tenant_queues, self._refreshed = found, time.monotonic()
+        return [q for lane in self.lanes
+                for q in [Queue.of(self.stream, lane, None),
+                          *(t for t in self._tenant_queues if t.lane == lane)]]
+
+    def _queue_of(self, stream: str) -> Queue | None:
+        for lane in self.lanes:
+            if stream == lane_stream(self.stream, lane):
+                return Queue(stream, lane)
+        return next((q for q in self._tenant_queues if q.stream == stream), None)
 
     # --- heartbeats -------------------------------------------------------------------------
 
@@ -240,70 +455,125 @@ class Consumer:
     # --- reading ----------------------------------------------------------------------------
 
     async def read(self, count: int, block_ms: int) -> list[Message]:
-        """New entries for this consumer (id `>`), at most `count`."""
+        """New entries for this consumer (id `>`), at most `count`, in the lanes' weighted
+        order (see the module docstring). With none ready, waits up to `block_ms` for one."""
+        got, waits = await self._read_once(count, await self.queues())
+        if got or block_ms <= 0:
+            return got
+        if waits:  # block on every queue past its last entry: woken by the next XADD
+            async with self._talk():
+                await self.redis.xread(waits, count=1, block=block_ms)  # type: ignore[arg-type]
+        else:  # every queue with entries is at its tenant's cap: look again shortly
+            await asyncio.sleep(min(block_ms, 250) / 1000)
+        got, _ = await self._read_once(count, await self.queues(fresh=True))
+        return got
+
+    async def _read_once(self, count: int, queues: list[Queue]
+                         ) -> tuple[list[Message], dict[str, str]]:
+        lanes = list(self.lanes)
+        args: list[Any] = [self.group, self.consumer, count, len(lanes)]
+        for lane in lanes:
+            args += [self.lanes[lane], *self._wrr.get(lane, (0, 0))]
+        for q in queues:
+            args += [lanes.index(q.lane) + 1, self.max_in_flight(q.tenant) if q.tenant else 0]
+        keys = [q.stream for q in queues] + [self.doorbell]
         async with self._talk():
-            resp: Any = await self.redis.xreadgroup(self.group, self.consumer,
-                                                    {self.stream: ">"}, count=count,
-                                                    block=block_ms)
-        return [Message(_s(mid), _decode(f), self) for _, entries in resp or []
-                for mid, f in entries]
+            out, currents, cursors, lost, waits = await self._read(keys=keys, args=args)
+        # Bounded: a lane left out for long must not build up an unbounded credit.
+        self._wrr = {lane: (max(-10**6, min(10**6, int(c))), int(k))
+                     for lane, c, k in zip(lanes, currents, cursors, strict=True)}
+        if lost:  # a lane's group was gone (recreated by the script): as for NOGROUP in _talk
+            self._last_error = time.monotonic()
+            self.data_lost.set()
+        got = [Message(_s(mid), _decode(f), self, queue=queues[int(qi) - 1])
+               for qi, mid, f in out]
+        return got, {keys[int(qi) - 1]: _s(last) for qi, last in waits}
 
     async def adopt(self, min_idle_ms: int, running: set[str], count: int) -> list[Message]:
         """Entries this consumer name holds but is not running: our previous life's work after
         a restart under the same WORKER_ID, a message whose claim reply was lost, or one set
-        aside until its job ends. Re-claimed to ourselves (which counts a delivery)."""
-        async with self._talk():
-            rows = await self.redis.xpending_range(self.stream, self.group, min="-", max="+",
+        aside until its job ends. Re-claimed to ourselves (which counts a delivery).
+        `running`: the keys (`Message.key`) of the messages running here."""
+        adopted: list[Message] = []
+        for q in await self.queues():
+            if len(adopted) >= count:
+                break
+            with contextlib.suppress(QueueGone):
+                adopted += await self._adopt_from(q, min_idle_ms, running,
+                                                  count - len(adopted))
+        return adopted
+
+    async def _adopt_from(self, q: Queue, min_idle_ms: int, running: set[str], count: int
+                          ) -> list[Message]:
+        async with self._talk(q):
+            rows = await self.redis.xpending_range(q.stream, self.group, min="-", max="+",
                                                    count=1000, consumername=self.consumer,
                                                    idle=min_idle_ms)
-            ids = [_s(r["message_id"]) for r in rows if _s(r["message_id"]) not in running]
+            ids = [_s(r["message_id"]) for r in rows
+                   if _key(q.stream, _s(r["message_id"]), self.stream) not in running]
             ids = ids[:count]
             if not ids:
                 return []
-            got: Any = await self.redis.xclaim(self.stream, self.group, self.consumer,
+            got: Any = await self.redis.xclaim(q.stream, self.group, self.consumer,
                                                min_idle_ms, _any(ids))
         by_id = {_s(mid): f for mid, f in got if f is not None}
         gone = [m for m in ids if m not in by_id]
         if gone:  # deleted from the stream while pending: nothing left to do
-            await self.ack(gone)
+            await self.ack(gone, q.stream)
         counts = {_s(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
-        return [Message(m, _decode(f), self, reclaimed=True, deliveries=counts.get(m, 1))
-                for m, f in by_id.items()]
+        return [Message(m, _decode(f), self, reclaimed=True, deliveries=counts.get(m, 1),
+                        queue=q) for m, f in by_id.items()]
 
     async def reclaim(self, min_idle_ms: int, count: int, scan: int = 200) -> list[Message]:
-        """Take over entries whose owner has no heartbeat (see the module docstring)."""
-        async with self._talk():
-            cursor, claimed = await self._reclaim(
-                keys=[self.stream],
-                args=[self.group, self.consumer, self.heartbeat_prefix, self._cursor, scan,
-                      min_idle_ms, count])
-        self._cursor = _s(cursor)
-        return [Message(_s(mid), _decode(f), self, reclaimed=True, deliveries=int(n))
-                for mid, f, n in claimed]
+        """Take over entries whose owner has no heartbeat (see the module docstring), from
+        every queue in priority order, at most `count`."""
+        taken: list[Message] = []
+        for q in await self.queues():
+            if len(taken) >= count:
+                break
+            try:
+                async with self._talk(q):
+                    cursor, claimed = await self._reclaim(
+                        keys=[q.stream],
+                        args=[self.group, self.consumer, self.heartbeat_prefix,
+                              self._cursors.get(q.stream, "-"), scan, min_idle_ms,
+                              count - len(taken)])
+            except QueueGone:
+                continue
+            self._cursors[q.stream] = _s(cursor)
+            taken += [Message(_s(mid), _decode(f), self, reclaimed=True, deliveries=int(n),
+                              queue=q) for mid, f, n in claimed]
+        return taken
 
-    async def renew(self, message_ids: list[str]) -> dict[str, str]:
-        """Reset the idle time of the ids we still own. Returns the others: 'taken' (another
-        replica owns it now: stop) or 'gone' (Redis lost it: finish the job anyway)."""
-        if not message_ids:
+    async def renew(self, keys: list[str]) -> dict[str, str]:
+        """Reset the idle time of the messages (by `Message.key`) we still own. Returns the
+        others: 'taken' (another replica owns it now: stop) or 'gone' (Redis lost it: finish
+        the job anyway). One round trip for all queues."""
+        by_stream = _by_stream(keys, self.stream)
+        if not by_stream:
             return {}
         async with self._talk():
-            lost = await self._renew(keys=[self.stream],
-                                     args=[self.group, self.consumer, *message_ids])
-        return {_s(m): _s(why) for m, why in lost}
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                await self._renew(keys=[stream], args=[self.group, self.consumer, *ids],
+                                  client=pipe)
+            replies = await pipe.execute()
+        return {_key(stream, _s(m), self.stream): _s(why)
+                for stream, lost in zip(by_stream, replies, strict=True) for m, why in lost}
 
     # --- settling ---------------------------------------------------------------------------
 
-    async def ack(self, message_ids: list[str]) -> int:
+    async def ack(self, message_ids: list[str], stream: str | None = None) -> int:
         if not message_ids:
             return 0
         async with self._talk():
-            return int(await self.redis.xack(self.stream, self.group, *message_ids))
+            return int(await self.redis.xack(stream or self.stream, self.group, *message_ids))
 
-    async def ack_batched(self, message_id: str) -> None:
+    async def ack_batched(self, message: Message) -> None:
         """XACK, sharing one round trip with the acks of other jobs finishing at the same time.
-        Returns once the XACK that carried this id has succeeded (raises if it failed)."""
+        Returns once the XACK that carried this message has succeeded (raises if it failed)."""
         waiter = asyncio.get_running_loop().create_future()
-        self._ack_ids.append(message_id)
+        self._ack_ids.append(message.key)
         self._ack_waiters.append(waiter)
         if self._ack_flusher is None or self._ack_flusher.done():
             self._ack_flusher = asyncio.create_task(self._flush_acks())
@@ -316,7 +586,7 @@ class Consumer:
             ids, waiters = self._ack_ids, self._ack_waiters
             self._ack_ids, self._ack_waiters = [], []
             try:
-                await self.ack(ids)
+                await self._ack_keys(ids)
             except Exception as exc:  # each waiter sees the error and retries on its own
                 for w in waiters:
                     if not w.done():
@@ -326,30 +596,49 @@ class Consumer:
                 if not w.done():
                     w.set_result(None)
 
+    async def _ack_keys(self, keys: list[str]) -> None:
+        by_stream = _by_stream(keys, self.stream)
+        if len(by_stream) == 1:
+            [(stream, ids)] = by_stream.items()
+            await self.ack(ids, stream)
+            return
+        async with self._talk():
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.group, *ids)
+            await pipe.execute()
+
     async def dead_letter(self, message: Message, reason: str) -> None:
         fields: list[str] = []
         for k, v in message.fields.items():
             fields += [k, v]
         fields += ["original_id", message.message_id, "reason", reason,
                    "deliveries", str(message.deliveries), "consumer", self.consumer]
-        marker = f"safeurl:dl:{{{self.stream}}}:{self.group}:{message.message_id}"
+        if message.stream != self.stream:
+            fields += ["queue", message.stream]
+        marker = f"safeurl:dl:{{{self.stream}}}:{self.group}:{message.key}"
         async with self._talk():
-            await self._dead_letter(keys=[self.stream, self.dead_letter_stream, marker],
+            await self._dead_letter(keys=[message.stream, self.dead_letter_stream, marker],
                                     args=[self.group, message.message_id,
                                           self.dead_letter_maxlen, *fields])
 
     async def hand_back(self, lease_timeout_ms: int) -> int:
         """On shutdown: mark every entry we still hold idle for a whole lease, so that (with our
         heartbeat cleared) another replica takes them over at once."""
-        async with self._talk():
-            rows = await self.redis.xpending_range(self.stream, self.group, min="-", max="+",
-                                                   count=10_000, consumername=self.consumer)
-            ids = [_s(r["message_id"]) for r in rows]
-            for i in range(0, len(ids), 500):
-                await self.redis.xclaim(self.stream, self.group, self.consumer, 0,
-                                        _any(ids[i:i + 500]), idle=lease_timeout_ms + 1,
-                                        justid=True)
-        return len(ids)
+        held = 0
+        for q in await self.queues(fresh=True):
+            with contextlib.suppress(QueueGone):
+                async with self._talk(q):
+                    rows = await self.redis.xpending_range(q.stream, self.group, min="-",
+                                                           max="+", count=10_000,
+                                                           consumername=self.consumer)
+                    ids = [_s(r["message_id"]) for r in rows]
+                    for i in range(0, len(ids), 500):
+                        await self.redis.xclaim(q.stream, self.group, self.consumer, 0,
+                                                _any(ids[i:i + 500]),
+                                                idle=lease_timeout_ms + 1, justid=True)
+                held += len(ids)
+        return held
 
     # --- the dead-letter stream, for operators (ops.py: list, replay, purge, prune) ---------
 
@@ -389,27 +678,56 @@ class Consumer:
 
     # --- the janitor's view of the stream -----------------------------------------------------
 
-    async def enqueue(self, job_id: uuid.UUID) -> None:
-        """XADD a job id, as the API service does."""
+    async def enqueue(self, job_id: uuid.UUID, *, lane: str | None = None,
+                      tenant: str | None = None, domain: str | None = None) -> None:
+        """XADD a job id, as the API service does: to its lane's stream, or its tenant's queue
+        in that lane (registered in the same script, see `_ENQUEUE`). `domain`
+        (politeness.target_domain of the URL) saves the worker a look at the row; the other
+        fields are for people reading the stream."""
+        lane = lane or DEFAULT_LANE
+        if lane not in self.lanes:
+            raise ValueError(f"unknown lane {lane!r}; the lanes are {', '.join(self.lanes)}")
+        q = Queue.of(self.stream, lane, tenant)
+        fields = {"job_id": str(job_id)}
+        fields |= {k: v for k, v in (("lane", lane if lane != DEFAULT_LANE else None),
+                                     ("tenant", tenant), ("domain", domain)) if v}
         async with self._talk():
-            await self.redis.xadd(self.stream, {"job_id": str(job_id)})
+            if q.tenant is None:
+                await self.redis.xadd(q.stream, fields)  # type: ignore[arg-type]
+                return
+            flat = [x for kv in fields.items() for x in kv]
+            await self._enqueue(keys=[q.stream, self.registry, self.doorbell],
+                                args=[f"{lane} {tenant}", *flat])
 
     async def job_ids_in_stream(self, limit: int = 20_000) -> tuple[set[uuid.UUID], bool]:
-        """Job ids that still have an entry: pending in the group or not yet delivered.
-        The flag says whether the answer is complete (False past `limit` entries)."""
-        async with self._talk():
-            if not await self.redis.exists(self.stream):
+        """Job ids that still have an entry in some queue: pending in the group or not yet
+        delivered. The flag says whether the answer is complete (False past `limit` entries
+        in a queue)."""
+        ids: set[uuid.UUID] = set()
+        complete = True
+        for q in await self.queues(fresh=True):
+            with contextlib.suppress(QueueGone):
+                found, whole = await self._job_ids_in(q, limit)
+                ids |= found
+                complete = complete and whole
+        return ids, complete
+
+    async def _job_ids_in(self, q: Queue, limit: int) -> tuple[set[uuid.UUID], bool]:
+        async with self._talk(q):
+            if not await self.redis.exists(q.stream):
                 return set(), True
             # The delivery cursor first: an entry delivered while we look is then still found,
             # in the tail if not yet in the pending list.
-            last = await self._last_delivered()
-            pend = await self.redis.xpending_range(self.stream, self.group, min="-", max="+",
-                                                   count=limit)
+            last = await self._last_delivered(q.stream)
+            # A new tenant queue has no group until first read: all of it is undelivered.
+            pend = await self.redis.xpending_range(q.stream, self.group, min="-", max="+",
+                                                   count=limit) if last else []
+            last = last or "0-0"
             pipe = self.redis.pipeline(transaction=False)
             for e in pend:
-                pipe.xrange(self.stream, min=e["message_id"], max=e["message_id"], count=1)
+                pipe.xrange(q.stream, min=e["message_id"], max=e["message_id"], count=1)
             found = list(await pipe.execute()) if pend else []
-            tail: Any = await self.redis.xrange(self.stream, min=f"({last}", max="+",
+            tail: Any = await self.redis.xrange(q.stream, min=f"({last}", max="+",
                                                 count=limit)
         ids: set[uuid.UUID] = set()
         for entries in [*found, tail]:
@@ -418,47 +736,97 @@ class Consumer:
                     ids.add(uuid.UUID(_s(fields[b"job_id"])))
         return ids, len(pend) < limit and len(tail) < limit
 
-    async def _last_delivered(self) -> str:
-        for g in await self.redis.xinfo_groups(self.stream):
+    async def _last_delivered(self, stream: str) -> str:
+        """The group's delivery cursor in `stream`; "" if the group does not exist."""
+        for g in await self.redis.xinfo_groups(stream):
             if _s(g["name"]) == self.group:
                 return _s(g["last-delivered-id"])
-        return "0-0"
+        return ""
+
+    async def depths(self) -> list[dict[str, Any]]:
+        """Per queue: lane, tenant, `waiting` (not yet delivered; None when Redis cannot say,
+        after an XDEL of an undelivered entry) and `pending` (delivered, not acked: running,
+        or waiting for its domain)."""
+        queues = await self.queues(fresh=True)
+        async with self._talk():
+            pipe = self.redis.pipeline(transaction=False)
+            for q in queues:
+                pipe.xinfo_groups(q.stream)
+                pipe.xlen(q.stream)
+            replies = await pipe.execute(raise_on_error=False)
+        rows = []
+        for q, groups, length in zip(queues, replies[::2], replies[1::2], strict=True):
+            g = next((g for g in groups if _s(g["name"]) == self.group), None) \
+                if isinstance(groups, list) else None
+            waiting = (None if g.get("lag") is None else int(g["lag"])) if g else \
+                int(length) if isinstance(length, int) else 0  # no group yet: all of it
+            rows.append({"lane": q.lane, "tenant": q.tenant, "stream": q.stream,
+                         "waiting": waiting, "pending": int(g["pending"]) if g else 0})
+        return rows
 
     async def remove_idle_consumers(self, min_idle_ms: int) -> int:
-        """Forget consumers that hold nothing, have no heartbeat and were idle a long time."""
+        """Forget consumers that hold nothing, have no heartbeat and were idle a long time;
+        and tenant queues that hold nothing (see `_DROP_IDLE_QUEUE`)."""
         removed = 0
-        async with self._talk():
-            if not await self.redis.exists(self.stream):
-                return 0
-            for c in await self.redis.xinfo_consumers(self.stream, self.group):
-                name = _s(c["name"])
-                beat = await self.redis.get(self.heartbeat_key(name))
-                if (int(c["pending"]) == 0 and int(c["idle"]) >= min_idle_ms
-                        and name != self.consumer
-                        and (beat is None or _s(beat).startswith(STOPPED))):
-                    removed += int(await self.redis.xgroup_delconsumer(self.stream, self.group,
-                                                                       name) == 0)
+        for q in await self.queues(fresh=True):
+            if q.tenant:
+                async with self._talk():
+                    await self._drop_idle(keys=[q.stream, self.registry],
+                                          args=[f"{q.lane} {q.tenant}"])
+                continue
+            async with self._talk():
+                if not await self.redis.exists(q.stream):
+                    continue
+                for c in await self.redis.xinfo_consumers(q.stream, self.group):
+                    name = _s(c["name"])
+                    beat = await self.redis.get(self.heartbeat_key(name))
+                    if (int(c["pending"]) == 0 and int(c["idle"]) >= min_idle_ms
+                            and name != self.consumer
+                            and (beat is None or _s(beat).startswith(STOPPED))):
+                        removed += int(await self.redis.xgroup_delconsumer(
+                            q.stream, self.group, name) == 0)
         return removed
 
     async def trim(self) -> int:
-        """Drop acknowledged entries: trim below the oldest entry that is still pending or not
-        yet delivered (MINID), so trimming can never remove work."""
-        async with self._talk():
-            if not await self.redis.exists(self.stream):
+        """Drop acknowledged entries: trim each queue below its oldest entry that is still
+        pending or not yet delivered (MINID), so trimming can never remove work."""
+        trimmed = 0
+        for q in await self.queues(fresh=True):
+            with contextlib.suppress(QueueGone):
+                trimmed += await self._trim(q)
+        return trimmed
+
+    async def _trim(self, q: Queue) -> int:
+        async with self._talk(q):
+            if not await self.redis.exists(q.stream):
                 return 0
-            groups = await self.redis.xinfo_groups(self.stream)
+            groups = await self.redis.xinfo_groups(q.stream)
             floor: str | None = None
             for g in groups:
                 candidates = [_s(g["last-delivered-id"])]
                 if int(g["pending"]):
-                    summary = await self.redis.xpending(self.stream, _s(g["name"]))
+                    summary = await self.redis.xpending(q.stream, _s(g["name"]))
                     candidates.append(_s(summary["min"]))
                 low = min(candidates, key=_id_key)
                 floor = low if floor is None else min(floor, low, key=_id_key)
             if floor is None:
                 return 0
             # last-delivered-id itself was delivered (and may be acked): keep it, it is cheap.
-            return int(await self.redis.xtrim(self.stream, minid=floor, approximate=False))
+            return int(await self.redis.xtrim(q.stream, minid=floor, approximate=False))
+
+
+def _key(stream: str, message_id: str, base: str) -> str:
+    """A message's key: its id in the base stream, `<stream> <id>` elsewhere (ids carry no
+    space, so the last space splits them)."""
+    return message_id if stream == base else f"{stream} {message_id}"
+
+
+def _by_stream(keys: list[str], base: str) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for k in keys:
+        stream, _, mid = k.rpartition(" ")
+        grouped.setdefault(stream or base, []).append(mid)
+    return grouped
 
 
 def _any(ids: list[str]) -> list[Any]:

@@ -14,7 +14,9 @@
                          stopped, so others take over at once and count no fault
 
 Each message runs `handler(message)` in its own task under the concurrency semaphore; the
-handler (`Worker.handle`) settles it. Intake never acks.
+handler (`Worker.handle`) settles it. Intake never acks. A job that must wait for its target
+domain (politeness.py) waits in `outside_slot`: its slot goes to the next message meanwhile,
+its message stays ours and is renewed like any other, and the lease loop renews its domain hold.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Settings
 from .consumer import STOPPED, Consumer, Message
 from .errors import backoff, cancelled_under_us, is_transient, pause, retrying
 from .metrics import Metrics
+from .politeness import DomainGate
 
 log = logging.getLogger("safeurl.intake")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -40,6 +44,9 @@ class InFlight:
     message: Message
     task: asyncio.Task[None] | None = None
     taken: bool = False  # another replica owns the message now: do not settle it
+    holds_slot: bool = False  # holds one of the WORKER_CONCURRENCY slots
+    deferred: bool = False  # waiting outside the slots (for its target domain)
+    hold: tuple[str, str] | None = None  # (domain, holder) held in the DomainGate
 
 
 class DuplicateWorkerId(Exception):
@@ -50,7 +57,8 @@ class Intake:
     def __init__(self, settings: Settings, consumer: Consumer, metrics: Metrics, token: str,
                  handler: Callable[[InFlight], Awaitable[None]],
                  stopping: asyncio.Event, docker_ready: asyncio.Event,
-                 docker_ping: Callable[[], Awaitable[bool]]) -> None:
+                 docker_ping: Callable[[], Awaitable[bool]],
+                 gate: DomainGate | None = None) -> None:
         self.settings = settings
         self.consumer = consumer
         self.metrics = metrics
@@ -59,9 +67,11 @@ class Intake:
         self.stopping = stopping
         self.docker_ready = docker_ready
         self.docker_ping = docker_ping
+        self.gate = gate
         self.taking_jobs = False
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
-        self._inflight: dict[str, InFlight] = {}
+        self._inflight: dict[str, InFlight] = {}  # by Message.key
+        self._deferred = 0
         self._loops_done = asyncio.Event()
 
     def on_error(self, dependency: str, exc: BaseException) -> None:
@@ -205,28 +215,53 @@ class Intake:
         return n
 
     def _start(self, m: Message, holds_slot: bool = False) -> None:
-        if m.message_id in self._inflight or self.stopping.is_set():
+        if m.key in self._inflight or self.stopping.is_set():
             if holds_slot:
                 self._slots.release()
             return  # already running here, or too late: the drain hands it back
-        f = self._inflight[m.message_id] = InFlight(m)
-        f.task = asyncio.create_task(self._run_one(f, holds_slot))
+        f = self._inflight[m.key] = InFlight(m, holds_slot=holds_slot)
+        f.task = asyncio.create_task(self._run_one(f))
         self.metrics.in_flight.set(len(self._inflight))
 
-    async def _run_one(self, f: InFlight, holds_slot: bool) -> None:
-        acquired = holds_slot
+    async def _run_one(self, f: InFlight) -> None:
         try:
-            if not acquired:
+            if not f.holds_slot:
                 await self._slots.acquire()
-                acquired = True
+                f.holds_slot = True
                 if self.stopping.is_set():
                     return  # a slot freed up during the drain: too late, it is handed back
             await self.handler(f)
         finally:
-            if acquired:
+            if f.holds_slot:
                 self._slots.release()
-            self._inflight.pop(f.message.message_id, None)
+                f.holds_slot = False
+            self._inflight.pop(f.message.key, None)
             self.metrics.in_flight.set(len(self._inflight))
+
+    async def outside_slot(self, f: InFlight, aw: Awaitable[T]) -> T:
+        """Await `aw` (a job deferred for its domain) without holding a slot: the slot goes to
+        the next message meanwhile and is taken back before returning. At MAX_DEFERRED jobs
+        waiting, the next one waits in its slot instead, which slows reading down."""
+        if self._deferred >= self.settings.max_deferred or not f.holds_slot:
+            return await aw
+        self._slots.release()
+        f.holds_slot, f.deferred = False, True
+        self._deferred += 1
+        self.metrics.deferred.set(self._deferred)
+        try:
+            result = await aw
+        finally:
+            f.deferred = False
+            self._deferred -= 1
+            self.metrics.deferred.set(self._deferred)
+        await self._slots.acquire()
+        f.holds_slot = True
+        return result
+
+    def _room(self) -> int:
+        """How many more messages adoption and takeover may start: jobs waiting for their
+        domain do not count, they hold no slot."""
+        return 2 * self.settings.worker_concurrency - (len(self._inflight) - self._deferred)
 
     # --- liveness ---------------------------------------------------------------------------
 
@@ -269,8 +304,10 @@ class Intake:
         self.on_error("redis", exc)
 
     async def _renew(self) -> None:
-        ids = list(self._inflight)
-        for mid, why in (await self.consumer.renew(ids)).items():
+        holds = [f.hold for f in self._inflight.values() if f.hold]
+        if self.gate and holds:
+            await self.gate.renew(holds)
+        for mid, why in (await self.consumer.renew(list(self._inflight))).items():
             f = self._inflight.get(mid)
             if f is None or why != "taken" or f.task is None:
                 continue  # 'gone' (Redis lost the entry): finish the job; its ack is a no-op
@@ -285,7 +322,7 @@ class Intake:
         lost. Nobody else will take them while we beat."""
         if self.stopping.is_set():
             return
-        room = 2 * self.settings.worker_concurrency - len(self._inflight)
+        room = self._room()
         if room <= 0:
             return
         for m in await self.consumer.adopt(self.settings.lease_renew_ms,
@@ -303,7 +340,7 @@ class Intake:
         interval = min(0.5, lease / 8000)
         while not self.stopping.is_set():
             await asyncio.sleep(interval)
-            room = 2 * self.settings.worker_concurrency - len(self._inflight)
+            room = self._room()
             if self.stopping.is_set() or room <= 0 or not self.docker_ready.is_set() or \
                     self.consumer.steady_for() * 1000 < lease:
                 continue

@@ -28,6 +28,7 @@ from .consumer import Consumer
 from .errors import cancelled_under_us, pause
 from .metrics import Metrics
 from .models import Job, State
+from .politeness import target_domain
 from .runner import ContainerRunner, orphan_age_s
 from .store import Store
 
@@ -162,6 +163,9 @@ class Janitor:
                                                 worker_id=self.settings.worker_id,
                                                 detail=detail, add_fault=fault)
             if moved is not None:
-                await self.consumer.enqueue(job.id)
+                # A lane no longer configured: the default lane rather than a stream no one reads.
+                lane = job.lane if job.lane in self.consumer.lanes else None
+                await self.consumer.enqueue(job.id, lane=lane, tenant=job.tenant,
+                                            domain=target_domain(job.url))
                 n += 1
         return n

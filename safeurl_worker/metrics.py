@@ -68,6 +68,24 @@ class Metrics:
         self.stream_pending = Gauge("safeurl_stream_pending", "Entries delivered, not acked.",
                                     ["stream", "group"], registry=r)
         self.ready = Gauge("safeurl_worker_ready", "1 when this replica is ready.", registry=r)
+        # Scheduling (docs/contract.md, "Lanes, tenants and politeness"). `tenant` is "" for a
+        # lane's own stream; one series per active tenant, so keep tenant names few and stable.
+        self.queue_waiting = Gauge("safeurl_queue_waiting", "Entries not yet delivered, per "
+                                   "lane and tenant.", ["lane", "tenant"], registry=r)
+        self.queue_pending = Gauge("safeurl_queue_pending", "Entries delivered, not acked "
+                                   "(running or deferred), per lane and tenant.",
+                                   ["lane", "tenant"], registry=r)
+        self.lane_wait = Histogram("safeurl_queue_wait_seconds", "From XADD to the job starting "
+                                   "(after any politeness deferral), per lane and tenant.",
+                                   ["lane", "tenant"], buckets=_STAGE_BUCKETS, registry=r)
+        self.lane_jobs = Counter("safeurl_lane_jobs", "Jobs this replica brought to a terminal "
+                                 "state, per lane and tenant.", ["lane", "tenant", "outcome"],
+                                 registry=r)
+        self.deferrals = Counter("safeurl_deferrals", "Jobs that waited outside a slot, by "
+                                 "reason.", ["reason"], registry=r)
+        self.deferred = Gauge("safeurl_jobs_deferred", "Jobs this replica holds that wait for "
+                              "their target domain.", registry=r)
+        self.queues_seen: set[tuple[str, str, str]] = set()  # (stream, lane, tenant) exported
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -389,6 +389,8 @@ class Job(BaseModel):
     owner_token: str | None = None  # the process life of `worker_id` that owns the job
     faults: int = 0  # failures caused by the job itself (see docs/contract.md)
     mode: str | None = None  # `static` / `render` (scan_jobs.mode); None: SCAN_MODE
+    lane: str | None = None  # scan_jobs.lane; None: the default lane (the plain SCAN_STREAM)
+    tenant: str | None = None  # scan_jobs.tenant; None: no tenant (no quota)
 
 
 class Signal(BaseModel):

@@ -16,8 +16,9 @@ from typing import Any
 import redis.asyncio as redis
 
 from .config import Settings
-from .consumer import Consumer
-from .models import State
+from .consumer import Consumer, Queue
+from .models import Job, State
+from .politeness import target_domain
 from .store import Store, Submission, Submitted
 
 
@@ -98,16 +99,31 @@ async def _audit_chain_problems(store: Store) -> list[str]:
     return problems
 
 
+async def _queues(rds: redis.Redis, settings: Settings) -> list[Queue]:
+    """Every queue the group reads: each lane's stream and each tenant queue (the consumer
+    knows their names; this one only lists them)."""
+    lister = Consumer(rds, settings.scan_stream, settings.scan_group, "ops",
+                      settings.dead_letter_stream, lanes=settings.lane_weights)
+    return await lister.queues(fresh=True)
+
+
 async def _group_problems(rds: redis.Redis, settings: Settings) -> list[str]:
+    """Nothing pending and nothing unread, in every queue: each lane's stream and each tenant
+    queue (the consumer knows their names)."""
     problems: list[str] = []
-    for g in await _groups(rds, settings.scan_stream):
-        if _s(g["name"]) != settings.scan_group:
-            continue
-        if int(g["pending"]):
-            problems.append(f"consumer group has {g['pending']} pending entries")
-        # lag: entries nobody has read yet. None when Redis cannot tell (entries deleted).
-        if g.get("lag") is not None and int(g["lag"]):
-            problems.append(f"consumer group has lag {g['lag']} (entries never read)")
+    for q in await _queues(rds, settings):
+        where = "consumer group" if q.stream == settings.scan_stream else (
+            f"consumer group of {q.stream}")
+        groups = [g for g in await _groups(rds, q.stream) if _s(g["name"]) == settings.scan_group]
+        if not groups and await rds.exists(q.stream) and await rds.xlen(q.stream):
+            # A tenant queue gets its group when first read: entries in one without are unread.
+            problems.append(f"{q.stream} has {await rds.xlen(q.stream)} entries never read")
+        for g in groups:
+            if int(g["pending"]):
+                problems.append(f"{where} has {g['pending']} pending entries")
+            # lag: entries nobody has read yet. None when Redis cannot tell (entries deleted).
+            if g.get("lag") is not None and int(g["lag"]):
+                problems.append(f"{where} has lag {g['lag']} (entries never read)")
     return problems
 
 
@@ -226,11 +242,55 @@ async def fleet_status(store: Store, rds: redis.Redis, settings: Settings) -> di
                                                "idle_ms": int(c["idle"])} for c in consumers}
     dead = await rds.xlen(settings.dead_letter_stream) if await rds.exists(
         settings.dead_letter_stream) else 0
+    lanes, tenants = await queue_counts(store, settings)
     return {"jobs": by_state,
             "last_5m": {"completed": recent["c5"], "failed": recent["f5"]},
             "last_60m": {"completed": recent["c60"], "failed": recent["f60"]},
             "oldest_queued_s": None if oldest is None else round(float(oldest), 1),
-            "stream": stream, "dead_letters": dead}
+            "stream": stream, "dead_letters": dead, "lanes": lanes, "tenants": tenants,
+            "queues": await _queue_figures(rds, settings)}
+
+
+async def _queue_figures(rds: redis.Redis, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Length, lag and pending of every other queue than SCAN_STREAM itself (which `stream`
+    shows): the other lanes' streams and the tenant queues, those that exist."""
+    figures: dict[str, dict[str, Any]] = {}
+    for q in await _queues(rds, settings):
+        if q.stream == settings.scan_stream or not await rds.exists(q.stream):
+            continue
+        length = await rds.xlen(q.stream)
+        # A tenant queue has no group until first read: then all of it is unread.
+        f: dict[str, Any] = {"lane": q.lane, "tenant": q.tenant, "length": length,
+                             "lag": length, "pending": 0}
+        for g in await _groups(rds, q.stream):
+            if _s(g["name"]) == settings.scan_group:
+                f["lag"], f["pending"] = g.get("lag"), int(g["pending"])
+        figures[q.stream] = f
+    return figures
+
+
+def _add(counts: dict[str, int], row: Any) -> None:
+    counts["queued"] += row["queued"]
+    counts["running"] += row["running"]
+
+
+_TENANTS_SHOWN = 50  # the status shows the tenants with the most unfinished jobs, not all
+
+
+async def queue_counts(store: Store, settings: Settings
+                       ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Unfinished jobs from the database: per lane (every configured lane, in priority order,
+    then any other lane found in rows) and per tenant (the _TENANTS_SHOWN busiest; jobs without
+    a tenant are not listed), each `{"queued": n, "running": m}`."""
+    lanes = {lane: {"queued": 0, "running": 0} for lane in settings.lane_weights}
+    tenants: dict[str, dict[str, int]] = {}
+    for r in await store.queue_counts():
+        _add(lanes.setdefault(r["lane"], {"queued": 0, "running": 0}), r)
+        if r["tenant"] is not None:
+            _add(tenants.setdefault(r["tenant"], {"queued": 0, "running": 0}), r)
+    busiest = sorted(tenants.items(), key=lambda kv: (-kv[1]["queued"] - kv[1]["running"],
+                                                      kv[0]))[:_TENANTS_SHOWN]
+    return lanes, dict(sorted(busiest))
 
 
 def _or_dash(v: object) -> str:
@@ -248,20 +308,43 @@ def status_table(st: dict[str, Any]) -> str:
              f"pending {st['stream']['pending']}"]
     for name, c in sorted(st["stream"]["consumers"].items()):
         lines.append(f"  consumer {name:<30} pending {c['pending']:>5}  idle {c['idle_ms']} ms")
+    for name, q in st.get("queues", {}).items():
+        lines.append(f"  queue {name}  length {q['length']}  lag {q['lag']}  "
+                     f"pending {q['pending']}")
     lines.append(f"DEAD LETTERS   {st['dead_letters']}")
+    for title, rows in (("LANES", st.get("lanes", {})), ("TENANTS", st.get("tenants", {}))):
+        if rows:
+            lines.append(f"{title:<34} queued  running")
+            lines += [f"  {name:<30} {c['queued']:>8} {c['running']:>8}"
+                      for name, c in rows.items()]
     return "\n".join(lines)
 
 
 # --- submit -------------------------------------------------------------------------------
 
-async def submit_scan(store: Store, consumer: Consumer, sub: Submission) -> Submitted:
-    """What the contract says the API service does: INSERT the QUEUED row, then XADD its id.
-    A repeated request (same idempotency key) finds the first one's job and adds nothing: if
-    that request's XADD was lost, the janitor re-enqueues the job."""
-    got = await store.submit_job(sub)
+def max_queued(settings: Settings, tenant: str | None) -> int:
+    """The queued-jobs quota a submission of `tenant` is held to; 0: none (no tenant)."""
+    return 0 if tenant is None else settings.quota(tenant).max_queued
+
+
+async def submit_scan(store: Store, consumer: Consumer, sub: Submission,
+                      max_queued: int = 0) -> Submitted:
+    """What the contract says the API service does: INSERT the QUEUED row, then XADD its id
+    (to its lane's stream). A repeated request (same idempotency key) finds the first one's
+    job and adds nothing: if that request's XADD was lost, the janitor re-enqueues the job.
+    `max_queued`: the tenant's quota (see `max_queued`); over it, store.QuotaExceeded."""
+    got = await store.submit_job(sub, max_queued=max_queued)
     if got.created:
-        await consumer.enqueue(got.id)
+        await consumer.enqueue(got.id, lane=sub.lane, tenant=sub.tenant,
+                               domain=target_domain(sub.url))
     return got
+
+
+async def enqueue_job(consumer: Consumer, job: Job) -> None:
+    """XADD an existing job again, to its lane, with its tenant and target domain. A lane no
+    longer configured: the default lane rather than a stream no one reads (as the janitor)."""
+    lane = job.lane if job.lane in consumer.lanes else None
+    await consumer.enqueue(job.id, lane=lane, tenant=job.tenant, domain=target_domain(job.url))
 
 
 # --- retry ----------------------------------------------------------------------------------
@@ -279,12 +362,14 @@ async def retry_jobs(store: Store, consumer: Consumer, *,
     done = skipped = 0
     for i, job in enumerate(jobs, 1):
         # The transition clears error_code and finished_at; failed jobs have no result row.
+        # An operator's retry is not held to the tenant's queued quota: it re-queues work the
+        # tenant was already allowed to submit.
         moved = await store.transition(job, State.QUEUED, worker_id=actor, reset_faults=True,
                                        detail={"retry": True, "previous_error": job.error_code})
         if moved is None:
             skipped += 1
         else:
-            await consumer.enqueue(job.id)
+            await enqueue_job(consumer, job)
             done += 1
         if progress:
             progress(i, len(jobs))
@@ -335,7 +420,7 @@ async def dlq_replay(store: Store, consumer: Consumer, ids: list[str],
         if job.state in (State.FAILED, State.TIMED_OUT):
             await store.transition(job, State.QUEUED, worker_id=actor, reset_faults=True,
                                    detail={"dlq_replay": eid})
-        await consumer.enqueue(job_id)
+        await enqueue_job(consumer, job)
         await consumer.delete_dead_letters([eid])
         replayed += 1
         if progress:

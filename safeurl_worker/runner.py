@@ -63,7 +63,7 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .errors import backoff
 from .models import Report
 
@@ -124,6 +124,25 @@ class DockerUnavailable(Exception):
     """The Docker daemon could not be reached: not the job's fault, so it is not failed."""
 
 
+class FetcherNetworkMissing(ConfigError):
+    """FETCHER_NETWORK names no Docker network. Start-up stops: no other network (least of all
+    Docker's shared `bridge`) may stand in for the sandbox's own."""
+
+    def __init__(self, name: str) -> None:
+        # compose.yaml's and scripts/services.sh's options: no traffic between containers, and
+        # for the default name the bridge deploy/firewall/docker-user.sh guards (br-safeurl).
+        icc = "--opt com.docker.network.bridge.enable_icc=false"
+        if name == "safeurl-fetch":
+            how = ("`bash scripts/services.sh docker`, or by hand: `docker network create "
+                   f"--driver bridge --opt com.docker.network.bridge.name=br-safeurl {icc} "
+                   f"{name} && bash deploy/firewall/docker-user.sh apply`")
+        else:
+            how = (f"`docker network create --driver bridge {icc} {name}` (and its firewall, "
+                   "docs/sandbox.md)")
+        super().__init__(f"FETCHER_NETWORK={name}: no such Docker network. Create it with "
+                         f"{how}; or set FETCHER_NETWORK to an existing network")
+
+
 @contextlib.contextmanager
 def _daemon_errors(any_status: bool = False) -> Iterator[None]:
     """Raise a failure to talk to the daemon (timeout, connection, 5xx) as DockerUnavailable.
@@ -173,6 +192,14 @@ def _seccomp_opt(path: str) -> str:
     return "seccomp=" + orjson.dumps(orjson.loads(Path(path).read_bytes())).decode()
 
 
+def _seccomp_opts(settings: Settings) -> list[str]:
+    """FETCHER_SECCOMP_PROFILE: the shipped (or the operator's) profile; `daemon`: none, so
+    the daemon applies its built-in one."""
+    if settings.fetcher_seccomp_profile == "daemon":
+        return []
+    return [_seccomp_opt(settings.fetcher_seccomp_profile)]
+
+
 def orphan_age_s(settings: Settings) -> float:
     """Older than any live scan can be (a scan is killed at the container timeout)."""
     return settings.orphan_after_s or settings.container_timeout_ms / 1000 + 60
@@ -208,9 +235,7 @@ def container_config(settings: Settings, job_id: uuid.UUID | None,
             "ReadonlyRootfs": True,
             "Tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={settings.container_tmpfs_mb}m"},
             "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges",
-                            *([_seccomp_opt(settings.fetcher_seccomp_profile)]
-                              if settings.fetcher_seccomp_profile else [])],
+            "SecurityOpt": ["no-new-privileges", *_seccomp_opts(settings)],
             "Init": True,  # a Python PID 1 ignores SIGTERM; docker-init forwards it
             "Privileged": False,
             "Binds": [], "Mounts": [],
@@ -294,6 +319,24 @@ class Runner:
             return True
         except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
             return False
+
+    async def check_network(self) -> None:
+        """Start-up: raise FetcherNetworkMissing unless FETCHER_NETWORK exists (`none`, `host`
+        and `bridge` always do). A daemon that does not answer is not decided here (logged): the
+        worker waits for Docker as during a run, and every container it creates names this
+        network, so a missing one fails those creates with Docker's own error, never falls back."""
+        name = self.settings.fetcher_network
+        if ":" in name or name == "default":  # `container:<id>`, the daemon's default: no name
+            return
+        try:
+            await _within(self.docker.networks.get(name), _PROBE_TIMEOUT)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                raise FetcherNetworkMissing(name) from None
+            log.warning("could not check FETCHER_NETWORK", extra={"error": str(exc)})
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("could not check FETCHER_NETWORK: docker unreachable",
+                        extra={"error": str(exc) or type(exc).__name__})
 
     async def run(self, job_id: uuid.UUID, url: str, mode: Mode = "static") -> RunResult:
         started = time.monotonic()

@@ -134,3 +134,18 @@ CREATE TABLE IF NOT EXISTS scan_artifacts (
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, kind)
 );
+
+-- Scheduling (docs/contract.md, "Lanes, tenants and politeness"). Nullable, so rows INSERTed by
+-- another API service keep working: NULL lane is the default lane (the plain SCAN_STREAM), NULL
+-- tenant is no tenant (no quota, shares the lane's own queue).
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS lane text;
+ALTER TABLE scan_jobs ADD COLUMN IF NOT EXISTS tenant text;
+-- "How many QUEUED jobs does tenant T have": asked under a per-tenant lock by every submission
+-- of a tenant with a quota (Store.submit_job), so it must stay cheap with a large backlog. Only
+-- QUEUED rows of tenants are in it: it shrinks as the backlog drains.
+CREATE INDEX IF NOT EXISTS scan_jobs_tenant_queued_idx ON scan_jobs (tenant)
+    WHERE state = 'QUEUED' AND tenant IS NOT NULL;
+-- A refusal's retry hint reads how many of the tenant's jobs finished lately; a tenant hammering
+-- at its quota must not make each refusal scan every recent finish of every tenant.
+CREATE INDEX IF NOT EXISTS scan_jobs_tenant_finished_idx ON scan_jobs (tenant, finished_at)
+    WHERE tenant IS NOT NULL AND finished_at IS NOT NULL;

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -27,8 +28,11 @@ from .artifacts import Artifact
 from .models import Analysis, Job, Report, State
 
 _JOB_COLUMNS = ("id, url, state, version, attempts, worker_id, error_code, created_at, "
-                "owner_token, faults, mode")
+                "owner_token, faults, mode, lane, tenant")
 _MIGRATION_LOCK = 0x5AFE0001  # advisory lock id: concurrent `migrate` runs take turns
+# The two-key advisory lock space of per-tenant submission locks: (_TENANT_LOCK, hashtext(tenant)).
+# A hash collision only makes two tenants' submissions take turns.
+_TENANT_LOCK = 0x5AFE0002
 # LISTEN on this channel to hear of every job that reached a terminal state (payload: its id).
 NOTIFY_CHANNEL = "safeurl_scan_finished"
 _TERMINAL_SQL = "('COMPLETED', 'FAILED', 'TIMED_OUT')"
@@ -120,7 +124,8 @@ SELECT version FROM u {{notify}}
 """
 
 _INSERT_JOB = """
-WITH j AS (INSERT INTO scan_jobs (id, url, mode) VALUES ($1, $2, $3) RETURNING id)
+WITH j AS (INSERT INTO scan_jobs (id, url, mode, lane, tenant) VALUES ($1, $2, $3, $4, $5)
+           RETURNING id)
 SELECT id FROM j
 """
 
@@ -178,10 +183,12 @@ class Store:
             await conn.execute(sql)
 
     async def insert_job(self, url: str, job_id: uuid.UUID | None = None,
-                         mode: str | None = None) -> uuid.UUID:
-        """Insert a QUEUED job, as the API service does (`mode`: static / render / None)."""
+                         mode: str | None = None, *, lane: str | None = None,
+                         tenant: str | None = None) -> uuid.UUID:
+        """Insert a QUEUED job, as the API service does (`mode`: static / render / None).
+        No quota: see `submit_job`."""
         jid = job_id or uuid.uuid4()
-        await self.pool.execute(_INSERT_JOB, jid, url, mode)
+        await self.pool.execute(_INSERT_JOB, jid, url, mode, lane, tenant)
         return jid
 
     async def get_job(self, job_id: uuid.UUID) -> Job | None:
@@ -408,19 +415,64 @@ class Store:
 
     # --- submissions through the API ---------------------------------------------------------
 
-    async def submit_job(self, sub: Submission) -> Submitted:
+    async def submit_job(self, sub: Submission, *, max_queued: int = 0) -> Submitted:
         """Insert a QUEUED job, or find the one an earlier request with the same idempotency
-        key created (then `created` is False and `request_hash` is that request's)."""
+        key created (then `created` is False and `request_hash` is that request's).
+
+        `max_queued` (the tenant's quota; 0: no limit) applies to a job with a tenant: when the
+        tenant already has that many QUEUED jobs, QuotaExceeded is raised and nothing is
+        written. A repeat of an existing idempotency key still returns its job."""
         for _ in range(3):
-            row = await self.pool.fetchrow(
-                _SUBMIT, sub.job_id, sub.url, sub.callback_url, sub.metadata, sub.mode,
-                sub.idempotency_key, sub.request_hash)
+            if sub.tenant is not None and max_queued > 0:
+                row = await self._submit_within_quota(sub, max_queued)
+            else:
+                row = await self.pool.fetchrow(_SUBMIT, *_submit_args(sub))
             if row is not None:
                 return Submitted(row["id"], State(row["state"]), row["created"],
                                  row["request_hash"])
             # The key's row was committed by a concurrent request after this statement's
             # snapshot was taken: DO NOTHING saw it, the SELECT did not. Look again.
         raise RuntimeError(f"idempotency key {sub.idempotency_key!r}: no row after 3 tries")
+
+    async def _submit_within_quota(self, sub: Submission, max_queued: int
+                                   ) -> asyncpg.Record | None:
+        """Count and insert under a transaction-scoped lock on the tenant, so concurrent
+        submissions of one tenant (from any API replica) take turns and cannot overshoot the
+        quota; other tenants are not held up. In READ COMMITTED each statement sees what the
+        previous lock holder committed."""
+        assert sub.tenant is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                               _TENANT_LOCK, sub.tenant)
+            if sub.idempotency_key is not None:
+                found: asyncpg.Record | None = await conn.fetchrow(
+                    "SELECT id, state, request_hash, false AS created FROM scan_jobs "
+                    "WHERE idempotency_key = $1", sub.idempotency_key)
+                if found is not None:
+                    return found
+            queued: int = await conn.fetchval(
+                "SELECT count(*) FROM scan_jobs WHERE tenant = $1 AND state = 'QUEUED'",
+                sub.tenant)
+            if queued >= max_queued:
+                finished: int = await conn.fetchval(
+                    "SELECT count(*) FROM scan_jobs WHERE tenant = $1 "
+                    "AND finished_at > now() - make_interval(secs => $2)",
+                    sub.tenant, float(RETRY_WINDOW_S))
+                raise QuotaExceeded(sub.tenant, queued, max_queued,
+                                    retry_after_s(queued - max_queued + 1, finished))
+            row: asyncpg.Record | None = await conn.fetchrow(_SUBMIT, *_submit_args(sub))
+            return row
+
+    async def queue_counts(self) -> list[asyncpg.Record]:
+        """Unfinished jobs by (lane, tenant): `queued` (QUEUED) and `running` (FETCHING or
+        ANALYZING); lane NULL is `default`, tenant NULL stays NULL. Reads only the active
+        jobs (scan_jobs_active_idx), however many have finished."""
+        return list(await self.pool.fetch("""
+            SELECT coalesce(lane, 'default') AS lane, tenant,
+                   count(*) FILTER (WHERE state = 'QUEUED') AS queued,
+                   count(*) FILTER (WHERE state <> 'QUEUED') AS running
+            FROM scan_jobs WHERE state IN ('QUEUED', 'FETCHING', 'ANALYZING')
+            GROUP BY 1, 2 ORDER BY 1, 2"""))
 
     async def scan_view(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         """Everything the API shows about one scan: the job, its result, audit trail, and
@@ -464,13 +516,15 @@ class Store:
 
     async def list_scans(self, *, state: str | None, verdict: str | None,
                          since: datetime | None, url: str | None,
-                         after: tuple[datetime, uuid.UUID] | None, limit: int
+                         after: tuple[datetime, uuid.UUID] | None, limit: int,
+                         lane: str | None = None, tenant: str | None = None
                          ) -> list[dict[str, Any]]:
         """Jobs newest first, filtered; `after`: the (created_at, id) the previous page ended
-        at (keyset pagination: stable while new jobs arrive)."""
+        at (keyset pagination: stable while new jobs arrive). `lane`: `default` matches the
+        jobs without a lane too."""
         rows = await self.pool.fetch(
             _LIST_SCANS, state, verdict, since, url, after[0] if after else None,
-            after[1] if after else None, limit)
+            after[1] if after else None, limit, lane, tenant)
         return [dict(r) for r in rows]
 
     # --- the callback outbox -----------------------------------------------------------------
@@ -512,6 +566,44 @@ class Submission:
     mode: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    lane: str | None = None  # None: the default lane
+    tenant: str | None = None  # None: no tenant, no quota
+
+
+def _submit_args(sub: Submission) -> tuple[Any, ...]:
+    return (sub.job_id, sub.url, sub.callback_url, sub.metadata, sub.mode, sub.idempotency_key,
+            sub.request_hash, sub.lane, sub.tenant)
+
+
+# The retry hint of a quota refusal: how long until enough of the tenant's queued jobs are
+# gone for one more to fit, at the rate its jobs finished over the last RETRY_WINDOW_S
+# (`missing` jobs / (finished / window)). Bounded: never "now" (the rate is a guess), never
+# more than RETRY_MAX_S (a client told to wait an hour gives up). Nothing finished in the
+# window (a stalled or fresh backlog): no rate to go by, RETRY_UNKNOWN_S.
+RETRY_WINDOW_S = 300
+RETRY_MIN_S = 1
+RETRY_MAX_S = 600
+RETRY_UNKNOWN_S = 60
+
+
+def retry_after_s(missing: int, finished_in_window: int) -> int:
+    """Seconds until `missing` more of a tenant's queued jobs should have finished, given how
+    many finished in the last RETRY_WINDOW_S; see above."""
+    if finished_in_window <= 0:
+        return RETRY_UNKNOWN_S
+    seconds = math.ceil(max(missing, 1) * RETRY_WINDOW_S / finished_in_window)
+    return max(RETRY_MIN_S, min(RETRY_MAX_S, seconds))
+
+
+class QuotaExceeded(Exception):
+    """A submission refused: `tenant` has `queued` QUEUED jobs, its max_queued is `limit`.
+    `retry_after_s`: when trying again is likely to succeed (see retry_after_s)."""
+
+    def __init__(self, tenant: str, queued: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"tenant {tenant!r} has {queued} queued scans, its limit is {limit}: "
+                         f"retry in {retry_after_s} s")
+        self.tenant, self.queued, self.limit = tenant, queued, limit
+        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,8 +616,9 @@ class Submitted:
 
 _SUBMIT = """
 WITH ins AS (
-    INSERT INTO scan_jobs (id, url, callback_url, metadata, mode, idempotency_key, request_hash)
-    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)
+    INSERT INTO scan_jobs (id, url, callback_url, metadata, mode, idempotency_key, request_hash,
+                           lane, tenant)
+    VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, state, request_hash
 )
@@ -557,10 +650,12 @@ WHERE r.job_id = $1 AND (jsonb_typeof(x.a) = 'string'
 """
 
 _LIST_SCANS = """
-SELECT j.id, j.url, j.state, j.error_code, j.mode, j.created_at, j.finished_at,
-       r.verdict, r.score
+SELECT j.id, j.url, j.state, j.error_code, j.mode, j.lane, j.tenant, j.created_at,
+       j.finished_at, r.verdict, r.score
 FROM scan_jobs j LEFT JOIN scan_results r ON r.job_id = j.id
 WHERE ($1::text IS NULL OR j.state = $1) AND ($2::text IS NULL OR r.verdict = $2)
+  AND ($8::text IS NULL OR coalesce(j.lane, 'default') = $8)
+  AND ($9::text IS NULL OR j.tenant = $9)
   AND ($3::timestamptz IS NULL OR j.created_at >= $3)
   AND ($4::text IS NULL OR (md5(j.url) = md5($4) AND j.url = $4))
   AND ($5::timestamptz IS NULL OR (j.created_at, j.id) < ($5, $6::uuid))

@@ -23,6 +23,7 @@ from .consumer import Consumer, connect
 from .errors import backoff, is_transient, pause
 from .janitor import Janitor
 from .metrics import HealthServer, Metrics
+from .politeness import DomainGate
 from .runner import ContainerRunner, Runner
 from .store import Store, create_pool
 from .worker import Worker
@@ -49,10 +50,21 @@ async def redis_for(settings: Settings) -> AsyncIterator[Any]:
         await client.aclose()
 
 
-def consumer_for(settings: Settings) -> Consumer:
-    return Consumer(connect(settings.redis_dsn, settings.read_block_ms), settings.scan_stream,
-                    settings.scan_group, settings.worker_id, settings.dead_letter_stream,
-                    settings.dead_letter_maxlen)
+def consumer_for(settings: Settings, name: str | None = None, block_ms: int = 1000
+                 ) -> Consumer:
+    return Consumer(connect(settings.redis_dsn, block_ms), settings.scan_stream,
+                    settings.scan_group, name or settings.worker_id, settings.dead_letter_stream,
+                    settings.dead_letter_maxlen, lanes=settings.lane_weights,
+                    max_in_flight=lambda tenant: settings.quota(tenant).max_in_flight)
+
+
+def gate_for(settings: Settings, consumer: Consumer) -> DomainGate:
+    """PER_DOMAIN_CONCURRENCY across the fleet. A hold is renewed with the job's lease; one
+    that is not (its replica died) lasts a container timeout more: the dead replica's
+    container may still be fetching from the domain until its own deadline."""
+    return DomainGate(consumer.redis, f"safeurl:dom:{{{settings.scan_stream}}}:",
+                      settings.per_domain_concurrency, settings.per_domain_interval_ms,
+                      settings.lease_timeout_ms + settings.container_timeout_ms)
 
 
 class StoppedDuringStartup(Exception):
@@ -93,7 +105,7 @@ async def wired_worker(settings: Settings, runner: ContainerRunner | None = None
     `notify` (NOTIFY_FINISHED): terminal writes NOTIFY safeurl_scan_finished."""
     stopping = stopping or asyncio.Event()
     metrics = Metrics()
-    consumer = consumer_for(settings)
+    consumer = consumer_for(settings, block_ms=settings.read_block_ms)
     docker = aiodocker.Docker(url=f"unix://{settings.docker_socket_path}")
     runner = runner or Runner(settings, docker)
     wiring: dict[str, Any] = {"status": {}}
@@ -101,6 +113,8 @@ async def wired_worker(settings: Settings, runner: ContainerRunner | None = None
                           on_scrape=lambda: _scrape(consumer, metrics))
     store: Store | None = None
     try:
+        if isinstance(runner, Runner):  # a stub runner (the benchmark's) makes no containers
+            await runner.check_network()  # a missing FETCHER_NETWORK stops start-up
         if settings.metrics_port:
             await health.start()
         store = await _connect_store(settings, stopping, wiring["status"],
@@ -111,7 +125,8 @@ async def wired_worker(settings: Settings, runner: ContainerRunner | None = None
         urls.registrable_domain("example.com")  # load the public suffix list now, once
         janitor = Janitor(settings, store, consumer, runner, metrics)
         worker = Worker(settings, store, consumer, runner, metrics, blocklist, janitor,
-                        stopping=stopping, catalogue=catalogue)
+                        stopping=stopping, catalogue=catalogue,
+                        gate=gate_for(settings, consumer))
         wiring["worker"] = worker
         yield worker
     finally:
@@ -181,22 +196,31 @@ def _probes(wiring: dict[str, Any], consumer: Consumer, runner: ContainerRunner
 
 
 async def _scrape(consumer: Consumer, metrics: Metrics) -> None:
-    for g in await consumer.redis.xinfo_groups(consumer.stream):
-        name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
-        if name != consumer.group:
-            continue
-        labels = (consumer.stream, consumer.group)
-        metrics.stream_pending.labels(*labels).set(int(g["pending"]))
-        if g.get("lag") is not None:
-            metrics.stream_lag.labels(*labels).set(int(g["lag"]))
+    depths = await consumer.depths()
+    seen = {(d["stream"], d["lane"], d["tenant"] or "") for d in depths}
+    # A tenant queue removed while idle: its series go with it (the others keep their last
+    # value while Redis cannot tell the lag).
+    for stream, lane, tenant in metrics.queues_seen - seen:
+        for gauge, labels in ((metrics.stream_lag, (stream, consumer.group)),
+                              (metrics.stream_pending, (stream, consumer.group)),
+                              (metrics.queue_waiting, (lane, tenant)),
+                              (metrics.queue_pending, (lane, tenant))):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+    metrics.queues_seen = seen
+    for d in depths:
+        labels = (d["stream"], consumer.group)
+        metrics.stream_pending.labels(*labels).set(d["pending"])
+        metrics.queue_pending.labels(d["lane"], d["tenant"] or "").set(d["pending"])
+        if d["waiting"] is not None:
+            metrics.stream_lag.labels(*labels).set(d["waiting"])
+            metrics.queue_waiting.labels(d["lane"], d["tenant"] or "").set(d["waiting"])
 
 
 @contextlib.asynccontextmanager
 async def ops_consumer(settings: Settings) -> AsyncIterator[Consumer]:
     """What operator commands say to the streams goes through a Consumer (never reads)."""
-    consumer = Consumer(connect(settings.redis_dsn), settings.scan_stream, settings.scan_group,
-                        f"cli:{settings.worker_id}", settings.dead_letter_stream,
-                        settings.dead_letter_maxlen)
+    consumer = consumer_for(settings, name=f"cli:{settings.worker_id}")
     try:
         yield consumer
     finally:

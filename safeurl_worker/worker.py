@@ -3,6 +3,7 @@ the one place where a job is settled and its message acked.
 
 Where things happen (the one-minute tour):
   * a message is read ............ `Intake._read_loop` -> `Consumer.read`    (intake.py)
+  * lanes, tenants, politeness ... `Consumer.read` (weighted order, quotas), `Worker._polite`
   * a job is claimed ............. `Pipeline._load` -> `Store.load_and_claim` (pipeline.py)
   * a container runs ............. `Pipeline._container` -> `Runner.run`     (runner.py)
   * a state transition is written  `OwnedJob.move` / `OwnedJob.complete`     (job.py, store.py)
@@ -29,7 +30,7 @@ from .intake import InFlight, Intake
 from .janitor import Janitor
 from .job import Conflict, OwnedJob, Owner, Rejected
 from .metrics import Metrics
-from .models import State
+from .models import State, StreamMessage
 from .pipeline import (
     Completed,
     DeadLettered,
@@ -42,6 +43,7 @@ from .pipeline import (
     parse_message,
     url_key,
 )
+from .politeness import DomainGate, target_domain
 from .runner import ContainerRunner, KeepsWarm
 from .store import Store
 
@@ -54,7 +56,8 @@ class Worker:
                  blocklist: Blocklist | None = None,
                  janitor: Janitor | None = None,
                  stopping: asyncio.Event | None = None,
-                 catalogue: Catalogue | None = None) -> None:
+                 catalogue: Catalogue | None = None,
+                 gate: DomainGate | None = None) -> None:
         self.settings = settings
         self.store = store
         self.consumer = consumer
@@ -64,11 +67,12 @@ class Worker:
         self.token = uuid.uuid4().hex  # this process life: a restart under the same id differs
         self.stopping = stopping or asyncio.Event()
         self.runner = runner
+        self.gate = gate  # PER_DOMAIN_CONCURRENCY across the fleet (politeness.py)
         self._docker_ready = asyncio.Event()
         self._docker_ready.set()
         self._running: set[uuid.UUID] = set()  # job ids being processed here
         self.intake = Intake(settings, consumer, metrics, self.token, self.handle,
-                             self.stopping, self._docker_ready, runner.ping)
+                             self.stopping, self._docker_ready, runner.ping, gate)
         self.owner = Owner(store, self.worker_id, self.token, self.stopping,
                            self.intake.on_error)
         lease_s = settings.lease_timeout_ms / 1000
@@ -123,6 +127,10 @@ class Worker:
         if job_id is not None:
             self._running.add(job_id)
         try:
+            if parsed is not None and not await self._polite(f, parsed):
+                return  # stopping while deferred: the job was never claimed, the drain hands
+                # its message back
+            self._waited(m)
             outcome = await self._outcome(f, parsed, job_id)
             await self.settle(m, outcome)
         except asyncio.CancelledError:
@@ -139,6 +147,48 @@ class Worker:
         finally:
             if job_id is not None:
                 self._running.discard(job_id)
+            if f.hold and self.gate:
+                hold, f.hold = f.hold, None
+                with contextlib.suppress(Exception):  # unreleased, it expires within a lease
+                    await asyncio.shield(self.gate.release(*hold))
+
+    # --- politeness ---------------------------------------------------------------------------
+
+    async def _polite(self, f: InFlight, parsed: StreamMessage) -> bool:
+        """Take a turn of the job's target domain (PER_DOMAIN_CONCURRENCY across the fleet)
+        before the job is claimed. Must it wait, it waits outside its slot, keeping its message
+        (renewed, not a delivery failure). False: stopping while it waited."""
+        gate = self.gate
+        if gate is None or gate.open:
+            return True
+        domain = f.message.fields.get("domain") or await self._domain_of(parsed.job_id)
+        if not domain:
+            return True  # an unknown job or a URL without a host: the pipeline says why
+        holder = f"{parsed.job_id}@{self.token}"
+        if await retrying("redis", lambda: gate.try_acquire(domain, holder), self.stopping,
+                          self.intake.on_error):
+            self.metrics.deferrals.labels("domain").inc()
+            waiting = retrying("redis", lambda: gate.acquire(domain, holder, self.stopping),
+                               self.stopping, self.intake.on_error)
+            if not await self.intake.outside_slot(f, waiting):
+                return False
+        f.hold = (domain, holder)
+        return True
+
+    async def _domain_of(self, job_id: uuid.UUID) -> str | None:
+        """The target domain from the row, for messages that do not carry it (a plain XADD)."""
+        job = await self.owner.db(lambda: self.store.get_job(job_id))
+        return target_domain(job.url) if job is not None else None
+
+    def _waited(self, m: Message) -> None:
+        """Queue wait per lane and tenant: from the entry's XADD (its id's milliseconds) to
+        now. Only first deliveries: a taken-over message has waited for other reasons."""
+        if m.reclaimed or m.deliveries > 1:
+            return
+        with contextlib.suppress(ValueError):
+            added = int(m.message_id.partition("-")[0]) / 1000
+            lane, tenant = (m.queue.lane, m.queue.tenant or "") if m.queue else ("default", "")
+            self.metrics.lane_wait.labels(lane, tenant).observe(max(0.0, time.time() - added))
 
     async def _outcome(self, f: InFlight, parsed: object, job_id: uuid.UUID | None) -> Outcome:
         try:
@@ -214,6 +264,11 @@ class Worker:
 
     def _count(self, m: Message, outcome: Outcome) -> None:
         total = time.monotonic() - m.read_at
+        if isinstance(outcome, Completed | Failed | DeadLettered):
+            lane, tenant = (m.queue.lane, m.queue.tenant or "") if m.queue else ("default", "")
+            state = "completed" if isinstance(outcome, Completed) else \
+                outcome.state.value.lower() if isinstance(outcome, Failed) else "dead_lettered"
+            self.metrics.lane_jobs.labels(lane, tenant, state).inc()
         extra = {"message_id": m.message_id, "outcome": type(outcome).__name__,
                  "worker_id": self.worker_id}
         if isinstance(outcome, Completed):

@@ -113,10 +113,11 @@ PY
   log "dockerd did not pick up the runsc runtime; see $STATE_DIR/dockerd.log"; exit 1
 }
 
-# The fetchers' network for local runs (FETCHER_NETWORK=safeurl-fetch), instead of Docker's default
+# The fetchers' network (FETCHER_NETWORK's default, safeurl-fetch), instead of Docker's default
 # `bridge`: a bridge of its own (br-safeurl) with no traffic between containers, and
 # deploy/firewall/docker-user.sh denying it the host and private ranges. Same name and options as
-# compose.yaml's fetch network, which Compose then finds and uses. SAFEURL_FETCH_NETWORK=0 skips it.
+# compose.yaml's fetch network, which Compose then finds and uses. SAFEURL_FETCH_NETWORK=0 skips it
+# (a worker then stops at start-up unless FETCHER_NETWORK names a network that exists).
 fetch_network() {
   [ "${SAFEURL_FETCH_NETWORK:-1}" = 0 ] && return 0
   if ! docker network inspect safeurl-fetch >/dev/null 2>&1; then

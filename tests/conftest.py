@@ -139,13 +139,20 @@ def make_settings(database: str, request: pytest.FixtureRequest) -> Iterator[typ
             "lease_renew_ms": 500, "lease_timeout_ms": 2000, "unknown_job_delay_ms": 50,
             "log_format": "text",
             "result_cache_ttl_s": 0,  # tests exercise real scans unless they test the cache
+            # Every test scan targets the one test host (one "domain"): the politeness limit
+            # would serialise them. Tests of politeness turn it on (test_politeness_fleet.py).
+            "per_domain_concurrency": 0,
         }
         base.update(overrides)
         return Settings(**base)  # type: ignore[arg-type]
 
     yield build  # type: ignore[misc]
-    subprocess.run(["redis-cli", "-u", REDIS_URL, "del", stream, f"{stream}:dead"],
-                   capture_output=True, check=False, timeout=10)
+    # The lane streams, tenant queues, registry, heartbeats and domain holds carry its name.
+    keys = subprocess.run(["redis-cli", "-u", REDIS_URL, "--scan", "--pattern", f"*{stream}*"],
+                          capture_output=True, text=True, check=False, timeout=10).stdout.split()
+    for i in range(0, len(keys), 500):
+        subprocess.run(["redis-cli", "-u", REDIS_URL, "del", *keys[i:i + 500]],
+                       capture_output=True, check=False, timeout=10)
 
 
 @pytest.fixture

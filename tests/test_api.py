@@ -24,6 +24,7 @@ from safeurl_worker.api.app import Services, create_app, services
 from safeurl_worker.api.config import ApiSettings, hash_token, parse_tokens
 from safeurl_worker.callbacks import Deliverer
 from safeurl_worker.config import Settings
+from safeurl_worker.consumer import Queue
 from safeurl_worker.models import Analysis, Report, State, Verdict
 from safeurl_worker.store import NOTIFY_CHANNEL, Store
 
@@ -62,8 +63,8 @@ class Api:
 async def make_api(make_settings: type[Settings]) -> AsyncIterator[Any]:
     stack: list[Any] = []
 
-    async def build(**overrides: Any) -> Api:
-        settings = make_settings()
+    async def build(worker: dict[str, Any] | None = None, **overrides: Any) -> Api:
+        settings = make_settings(**(worker or {}))
         cm = services(settings, api_settings(**overrides))
         svc = await cm.__aenter__()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
@@ -170,7 +171,9 @@ async def test_submit_writes_the_row_then_xadds(api: Api, rds: redis.Redis) -> N
             row["callback_url"]) == ("http://site-a.test/x", "QUEUED", 0, "render",
                                      {"ticket": 42}, "http://127.0.0.1:8099/hook")
     entries = await rds.xrange(api.settings.scan_stream)
-    assert [f for _, f in entries] == [{b"job_id": out["id"].encode()}]
+    # The default lane: the plain stream; the target domain rides along for the worker.
+    assert [f for _, f in entries] == [{b"job_id": out["id"].encode(),
+                                        b"domain": b"site-a.test"}]
 
 
 async def test_idempotency_key_same_body_same_job_other_body_409(api: Api,
@@ -363,7 +366,7 @@ async def test_dead_letters_list_replay_and_purge(api: Api, rds: redis.Redis) ->
                                                  job_id)
     assert (row["state"], row["faults"]) == ("QUEUED", 0)
     newest = await rds.xrevrange(api.settings.scan_stream, count=1)
-    assert newest[0][1] == {b"job_id": str(job_id).encode()}
+    assert newest[0][1][b"job_id"] == str(job_id).encode()
 
     r = await api.client.delete("/v1/dead-letters", headers=auth("operate"))
     assert r.status_code == 422 and "all=true" in r.json()["message"]
@@ -382,7 +385,106 @@ async def test_status_is_the_fleet_table_as_json(api: Api) -> None:
     st = (await api.client.get("/v1/status", headers=auth("read"))).json()
     assert st["jobs"]["QUEUED"] == 1 and st["stream"]["length"] == 1
     assert set(st) == {"jobs", "last_5m", "last_60m", "oldest_queued_s", "stream",
-                       "dead_letters"}
+                       "dead_letters", "lanes", "tenants", "queues"}
+    assert st["lanes"]["default"] == {"queued": 1, "running": 0} and st["tenants"] == {}
+
+
+# --- lanes, tenants, quotas ------------------------------------------------------------------
+
+
+async def test_lane_and_tenant_are_validated_stored_shown_and_filtered(
+        api: Api, rds: redis.Redis) -> None:
+    r = await api.client.post("/v1/scans", json={"url": "http://site-a.test/", "lane": "vip"},
+                              headers=auth("submit"))
+    assert r.status_code == 422 and r.json()["error"] == "invalid_lane", r.text
+    assert r.json()["message"] == ("lane 'vip' is not configured; the lanes are: interactive, "
+                                   "default, bulk")
+    r = await api.client.post("/v1/scans", json={"url": "http://site-a.test/",
+                                                 "tenant": "acme corp"}, headers=auth("submit"))
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request", r.text
+    assert r.json()["message"].startswith("body.tenant: ") and "letters" in r.json()["message"]
+    assert await api.svc.store.pool.fetchval("SELECT count(*) FROM scan_jobs") == 0
+
+    bulk = await _submit(api, "http://site-b.test/", lane="bulk", tenant="acme")
+    plain = await _submit(api)
+    named_default = await _submit(api, lane="default", tenant="acme")
+    rows = {r["id"]: (r["lane"], r["tenant"]) for r in await api.svc.store.pool.fetch(
+        "SELECT id, lane, tenant FROM scan_jobs")}
+    assert rows == {bulk: ("bulk", "acme"), plain: (None, None),
+                    named_default: (None, "acme")}  # one way to say "default" in the row
+    queue = Queue.of(api.settings.scan_stream, "bulk", "acme").stream
+    assert [f for _, f in await rds.xrange(queue)] == [
+        {b"job_id": str(bulk).encode(), b"lane": b"bulk", b"tenant": b"acme",
+         b"domain": b"site-b.test"}]
+
+    job = (await api.client.get(f"/v1/scans/{bulk}", headers=auth("read"))).json()["job"]
+    assert (job["lane"], job["tenant"]) == ("bulk", "acme")
+    job = (await api.client.get(f"/v1/scans/{plain}", headers=auth("read"))).json()["job"]
+    assert (job["lane"], job["tenant"]) == ("default", None)
+
+    async def listed(**params: str) -> list[tuple[str, str, str | None]]:
+        r = await api.client.get("/v1/scans", params=params, headers=auth("read"))
+        assert r.status_code == 200, r.text
+        return [(i["id"], i["lane"], i["tenant"]) for i in r.json()["items"]]
+
+    assert await listed(lane="bulk") == [(str(bulk), "bulk", "acme")]
+    assert await listed(lane="default") == [(str(named_default), "default", "acme"),
+                                            (str(plain), "default", None)]
+    assert await listed(tenant="acme") == [(str(named_default), "default", "acme"),
+                                           (str(bulk), "bulk", "acme")]
+    assert await listed(lane="interactive") == []
+
+
+async def test_a_tenant_over_its_queued_quota_gets_429_with_retry_after(
+        make_api: Any, rds: redis.Redis) -> None:
+    api: Api = await make_api(worker={"tenant_quotas": '{"acme": {"max_queued": 2}}'})
+    key = {**auth("submit"), "Idempotency-Key": "first"}
+    body = {"url": "http://site-a.test/", "tenant": "acme", "lane": "bulk"}
+    first = await api.client.post("/v1/scans", json=body, headers=key)
+    assert first.status_code == 202, first.text
+    await _submit(api, tenant="acme")
+    r = await api.client.post("/v1/scans", json={"url": "http://site-a.test/", "tenant": "acme"},
+                              headers=auth("submit"))
+    assert r.status_code == 429, r.text
+    assert r.json() == {"error": "quota_exceeded", "message": "tenant 'acme' has 2 queued "
+                        "scans, its limit is 2: retry in 60 s"}
+    assert r.headers["retry-after"] == "60"  # none of acme's scans finished lately
+    assert await api.svc.store.pool.fetchval("SELECT count(*) FROM scan_jobs") == 2
+    # No third XADD to acme's queue of the default lane.
+    assert await rds.xlen(Queue.of(api.settings.scan_stream, None, "acme").stream) == 1
+    # The repeat of an accepted request is still its job, at the quota.
+    again = await api.client.post("/v1/scans", json=body, headers=key)
+    assert again.status_code == 202 and again.json() == first.json()
+    # Other tenants have the default quota; a finished scan makes room (with its rate as hint).
+    assert (await api.client.post("/v1/scans", json={"url": "http://site-a.test/",
+                                                     "tenant": "zed"},
+                                  headers=auth("submit"))).status_code == 202
+    await _complete(api.svc.store, uuid.UUID(first.json()["id"]))
+    await _submit(api, tenant="acme")
+    r = await api.client.post("/v1/scans", json={"url": "http://site-a.test/", "tenant": "acme"},
+                              headers=auth("submit"))
+    # One finished in the last 5 minutes: one more place in about 300 s.
+    assert r.status_code == 429 and r.headers["retry-after"] == "300", r.text
+
+
+async def test_a_token_bound_to_a_tenant_submits_for_it_only(make_api: Any) -> None:
+    bound = "tok-acme-0123456789abcdef"
+    api: Api = await make_api(api_tokens=f"{TOKEN_SPEC},acme:{hash_token(bound)}:submit:acme")
+    headers = {"Authorization": f"Bearer {bound}"}
+    r = await api.client.post("/v1/scans", json={"url": "http://site-a.test/"}, headers=headers)
+    assert r.status_code == 202, r.text
+    assert (await api.svc.store.get_job(uuid.UUID(r.json()["id"]))).tenant == "acme"  # type: ignore[union-attr]
+    r = await api.client.post("/v1/scans", json={"url": "http://site-a.test/",
+                                                 "tenant": "acme"}, headers=headers)
+    assert r.status_code == 202
+    r = await api.client.post("/v1/scans", json={"url": "http://site-a.test/",
+                                                 "tenant": "zed"}, headers=headers)
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    assert "tenant 'acme' only" in r.json()["message"]
+    [t] = parse_tokens(f"ci:{hash_token('x' * 20)}:submit:acme.eu-1")
+    assert (t.name, t.scopes, t.tenant) == ("ci", frozenset({"submit"}), "acme.eu-1")
+    with pytest.raises(ValueError, match="not a tenant name"):
+        parse_tokens(f"ci:{hash_token('x' * 20)}:submit:-bad")
 
 
 async def test_scan_page_shows_callback_deliveries(api: Api) -> None:

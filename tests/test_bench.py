@@ -99,3 +99,29 @@ def test_bench_part2_rounds_and_spread(tmp_path: Path, testnet: TestNet) -> None
     for side in ("worker", "docker_run"):
         _sane(level["summary"][side]["scans_per_s"])
     _sane(level["ratio"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_bench_part8_lanes_rounds_and_spread(tmp_path: Path) -> None:
+    res = _bench(tmp_path, "--parts", "8", "--flood-jobs", "40", "--interactive-jobs", "4",
+                 "--job-seconds", "0.05", "--lane-systems", "lanes,one_lane,no_flood")
+    assert "bulk flood (40 jobs of 0.05 s, 4 interactive, concurrency 4, 2 rounds)" in \
+        res["stdout"]
+    p = res["part8"]
+    assert p["lanes"] == "interactive:6,default:3,bulk:1" and len(p["rounds"]) == 2
+    for r in p["rounds"]:
+        assert list(r) == ["lanes", "one_lane", "no_flood"]
+        for name, row in r.items():
+            assert row["interactive"] == 4
+            assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p99_ms"] == row["max_ms"]
+            # Each interactive job ran its 50 ms stub job between submit and terminal.
+            assert row["min_ms"] >= 50
+            assert (row["bulk_per_s"] > 0) is (name != "no_flood")
+    for name in ("lanes", "one_lane"):
+        for fig in ("p50_ms", "p99_ms", "max_ms", "bulk_per_s"):
+            _sane(p["summary"][name][fig])
+    for other in ("one_lane", "no_flood"):
+        _sane(p["ratio"]["p50_ms"][other])
+        per_round = sorted(r["lanes"]["p50_ms"] / r[other]["p50_ms"] for r in p["rounds"])
+        assert p["ratio"]["p50_ms"][other]["min"] == pytest.approx(per_round[0])

@@ -454,7 +454,10 @@ def test_browser_containers_are_locked_down_gone_and_under_their_memory_limit(
         assert run.exit_code == 0, key
         assert run.inspect["Config"]["User"] == "65534:65534"
         assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
-        assert host["SecurityOpt"] == ["no-new-privileges"] and host["Privileged"] is False
+        assert host["SecurityOpt"][0] == "no-new-privileges" and host["Privileged"] is False
+        # FETCHER_SECCOMP_PROFILE unset: the profile shipped in the package, passed as its text
+        assert json.loads(host["SecurityOpt"][1].removeprefix("seccomp=")) == json.loads(
+            Path(settings.fetcher_seccomp_profile).read_bytes()) and len(host["SecurityOpt"]) == 2
         assert host["Memory"] == host["MemorySwap"] == limit
         assert host["PidsLimit"] == settings.browser_pids_limit
         assert host["NanoCpus"] == int(settings.container_cpu_limit * 1e9)

@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
+from safeurl_worker.api.config import hash_token, parse_tokens
 from safeurl_worker.artifacts import Artifact
-from safeurl_worker.cli import build_parser
+from safeurl_worker.cli import EXIT_QUOTA, build_parser
 from safeurl_worker.config import Settings
+from safeurl_worker.consumer import Queue
 from safeurl_worker.logs import JsonFormatter, TextFormatter
 from safeurl_worker.models import Analysis, Render, Report, State, Verdict
 from safeurl_worker.store import Store
@@ -85,6 +87,9 @@ def test_top_level_help_lists_every_subcommand() -> None:
     ["prune"],
     ["prune", "--older-than", "soon"],
     ["prune", "--older-than", "30"],
+    ["submit", "http://x/", "--tenant", "acme corp"],
+    ["submit", "http://x/", "--tenant", ""],
+    ["token", "ci", "--tenant", "-x"],
     [],
 ])
 def test_parser_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -113,6 +118,10 @@ def test_parser_accepts_the_documented_forms() -> None:
     assert p.parse_args(["prune", "--older-than", "30d"]).older_than == 30 * 86400
     assert p.parse_args(["prune", "--older-than", "12h", "--batch", "50"]).batch == 50
     assert p.parse_args(["dlq", "purge", "--all"]).all is True
+    a = p.parse_args(["submit", "http://x/", "--lane", "bulk", "--tenant", "acme.eu-1"])
+    assert (a.lane, a.tenant) == ("bulk", "acme.eu-1")
+    a = p.parse_args(["submit", "http://x/"])
+    assert (a.lane, a.tenant) == (None, None)
 
 
 def test_run_help_lists_every_environment_variable() -> None:
@@ -310,7 +319,7 @@ async def test_retry_requeues_a_failed_job_and_a_worker_takes_it_again(
     assert last["detail"]["previous_error"] == "INVALID_URL"
     assert await rds.xlen(settings.scan_stream) == length + 1
     newest: Any = await rds.xrevrange(settings.scan_stream, count=1)
-    assert newest[0][1] == {b"job_id": str(job_id).encode()}
+    assert newest[0][1][b"job_id"] == str(job_id).encode()  # (and its target domain)
     assert await store.pool.fetchval("SELECT state FROM scan_jobs WHERE id=$1",
                                      done) == "COMPLETED"
 
@@ -486,3 +495,66 @@ async def test_status_lists_artifacts_and_writes_the_screenshot(
     none = await cli(settings, "status", str(plain), "--screenshot", str(tmp_path / "x.png"))
     assert none.code == 1 and "has no screenshot" in none.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_submit_help_documents_the_quota_exit_status() -> None:
+    out = subprocess.run([CLI, "submit", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "--lane" in text and "--tenant" in text
+    assert "75 refused by the tenant's queued-scans quota" in text
+
+
+def test_token_bound_to_a_tenant() -> None:
+    out = subprocess.run([CLI, "token", "ci", "--scopes", "submit", "--tenant", "acme"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    token = out.stderr.strip().rsplit(" ", 1)[1]
+    assert out.stdout.strip() == f"ci:{hash_token(token)}:submit:acme"
+    [parsed] = parse_tokens(out.stdout.strip())
+    assert parsed.tenant == "acme"
+
+
+@pytest.mark.integration
+async def test_submit_with_lane_and_tenant_quota_refusal_and_status_sections(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    env = {"TENANT_QUOTAS": '{"acme": {"max_queued": 2}}'}
+    ids = []
+    for lane in ("bulk", "interactive"):
+        ok = await cli(settings, "submit", "http://site-a.test/", "--lane", lane,
+                       "--tenant", "acme", env=env)
+        assert ok.code == 0, ok.stderr
+        ids.append(uuid.UUID(ok.stdout.strip()))
+    rows = {r["id"]: (r["lane"], r["tenant"]) for r in await store.pool.fetch(
+        "SELECT id, lane, tenant FROM scan_jobs")}
+    assert rows == {ids[0]: ("bulk", "acme"), ids[1]: ("interactive", "acme")}
+    assert await rds.xlen(Queue.of(settings.scan_stream, "bulk", "acme").stream) == 1
+
+    refused = await cli(settings, "submit", "http://site-a.test/", "--tenant", "acme",
+                        env=env)
+    assert refused.code == EXIT_QUOTA == 75
+    assert refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        "safeurl-worker submit: refused: tenant 'acme' has 2 queued scans, its limit is 2: "
+        "retry in 60 s"]
+    bad = await cli(settings, "submit", "http://site-a.test/", "--lane", "vip")
+    assert bad.code == 2 and bad.stderr.splitlines() == [
+        "safeurl-worker submit: lane 'vip' is not configured; the lanes are: interactive, "
+        "default, bulk"]
+    plain = await cli(settings, "submit", "http://site-a.test/", "--lane", "default")
+    assert plain.code == 0, plain.stderr
+    assert await store.pool.fetchval("SELECT count(*) FROM scan_jobs") == 3
+
+    st = (await cli(settings, "status", "--json")).json()
+    assert st["lanes"] == {"interactive": {"queued": 1, "running": 0},
+                           "default": {"queued": 1, "running": 0},
+                           "bulk": {"queued": 1, "running": 0}}
+    assert st["tenants"] == {"acme": {"queued": 2, "running": 0}}
+    table = (await cli(settings, "status")).stdout.splitlines()
+    assert table[0] == "JOBS" and "  QUEUED            3" in table
+    assert "LANES                              queued  running" in table
+    assert "  bulk                                  1        0" in table
+    assert "TENANTS                            queued  running" in table
+    assert "  acme                                  2        0" in table
+    acme = Queue.of(settings.scan_stream, "bulk", "acme").stream
+    assert f"  queue {acme}  length 1  lag 1  pending 0" in table

@@ -8,7 +8,8 @@ from safeurl_worker.config import ConfigError, load_settings
 
 
 def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("REDIS_URL", "DATABASE_URL", "WORKER_ID", "WORKER_CONCURRENCY"):
+    for name in ("REDIS_URL", "DATABASE_URL", "WORKER_ID", "WORKER_CONCURRENCY",
+                 "FETCHER_NETWORK", "FETCHER_SECCOMP_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     s = load_settings()
     assert (s.redis_host, s.redis_port, s.redis_password) == ("localhost", 6379, "")
@@ -16,6 +17,10 @@ def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.database_url == "postgresql://localhost/safeurl"
     assert s.docker_socket_path == "/var/run/docker.sock"
     assert s.fetcher_image == "safeurl-fetcher:latest"
+    # The sandbox's own network (scripts/services.sh, compose.yaml), not Docker's `bridge`, and
+    # the seccomp profile shipped in the package, not the daemon's.
+    assert s.fetcher_network == "safeurl-fetch"
+    assert s.fetcher_seccomp_profile.endswith("/safeurl_worker/data/seccomp-default.json")
     assert s.worker_concurrency == 5
     assert s.container_timeout_ms == 30000
     assert s.container_memory_limit_mb == 512
@@ -51,6 +56,8 @@ def test_redis_url_wins_and_password_is_used(monkeypatch: pytest.MonkeyPatch) ->
     ("FETCH_ALLOW_CIDRS", "10.0.0.0/33"),
     ("FETCHER_DNS", "1.1.1.1,dns.example"),
     ("FETCHER_USER_AGENT", "Agent\r\nX-Injected: 1"),
+    ("FETCHER_NETWORK", ""),
+    ("FETCHER_SECCOMP_PROFILE", "unconfined"),  # only a file or `daemon`
     ("LOG_FORMAT", "xml"),
     ("LOG_LEVEL", "loud"),
 ])

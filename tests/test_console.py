@@ -249,3 +249,30 @@ def test_sessions_are_signed_expire_and_end_with_their_token() -> None:
     ("https://evil.example/", "/"), ("javascript:alert(1)", "/")])
 def test_login_redirects_only_to_our_own_paths(target: str, want: str) -> None:
     assert _safe_next(target) == want
+
+
+async def test_the_fleet_page_shows_lanes_and_tenants_and_a_scan_its_lane(
+        make_settings: type[Settings], store: Store) -> None:
+    settings = make_settings()
+    async with services(settings, api_settings()) as svc:
+        for lane, tenant in (("bulk", "acme"), ("bulk", "acme"), (None, "zed"), (None, None)):
+            await store.insert_job("http://site-a.test/", lane=lane, tenant=tenant)
+        bulk = await store.pool.fetchval("SELECT id FROM scan_jobs WHERE lane = 'bulk' LIMIT 1")
+        [reader] = [t for t in parse_tokens(TOKEN_SPEC) if t.name == "read"]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                     base_url="http://console.test",
+                                     cookies={COOKIE: session_value(svc.session_key, reader)}
+                                     ) as client:
+            home = await client.get("/")
+            assert home.status_code == 200, home.text
+            text = re.sub(r"\s+", " ", home.text)
+            assert ('<tr><td class="mono">bulk</td><td>2</td><td>0</td></tr>' in text), text
+            assert '<tr><td class="mono">default</td><td>2</td><td>0</td></tr>' in text
+            assert '<tr><td class="mono">interactive</td><td>0</td><td>0</td></tr>' in text
+            assert '<table id="tenants">' in text
+            assert '<tr><td class="mono">acme</td><td>2</td><td>0</td></tr>' in text
+            assert '<tr><td class="mono">zed</td><td>1</td><td>0</td></tr>' in text
+            scan = await client.get(f"/scans/{bulk}")
+            assert scan.status_code == 200
+            assert '<span id="lane">bulk</span>' in scan.text
+            assert '<span id="tenant">acme</span>' in scan.text

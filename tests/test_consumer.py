@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
-from redis.exceptions import ResponseError
 
-from safeurl_worker.consumer import Consumer
+from safeurl_worker.consumer import Consumer, Message, lane_stream
 
 from .conftest import REDIS_URL
 
@@ -117,8 +119,7 @@ async def test_a_deleted_stream_is_recreated_and_reported(
     mid = (await a.redis.xadd(a.stream, {"job_id": "j"})).decode()
     await a.read(10, 100)
     await a.redis.delete(a.stream)  # an empty restart, a failover that lost it, a DEL
-    with pytest.raises(ResponseError, match="NOGROUP"):
-        await a.read(10, 100)
+    assert await a.read(10, 100) == []  # the group is recreated by the read itself
     assert a.data_lost.is_set() and a.steady_for() < 1
     assert await a.renew([mid]) == {mid: "gone"}  # the job may finish; its ack is a no-op
     assert await a.ack([mid]) == 0
@@ -192,3 +193,164 @@ async def test_trim_never_removes_pending_or_undelivered(pair: tuple[Consumer, C
     await a.trim()
     left = [m.decode() for m, _ in await a.redis.xrange(a.stream)]
     assert ids[1] not in left and ids[4] in left and ids[5] in left
+
+
+# --- lanes and tenant queues ------------------------------------------------------------------
+
+LANES = {"interactive": 3, "default": 1, "bulk": 1}
+
+
+@pytest.fixture
+async def laned() -> AsyncIterator[tuple[Consumer, Consumer]]:
+    """Two replicas reading three lanes; tenant `capped` may have 2 in flight."""
+    stream = f"t-lanes-{uuid.uuid4().hex[:8]}"
+    ra, rb = redis.Redis.from_url(REDIS_URL), redis.Redis.from_url(REDIS_URL)
+
+    def caps(tenant: str) -> int:
+        return 2 if tenant == "capped" else 0
+
+    a = Consumer(ra, stream, "g", "a", f"{stream}:dead", lanes=LANES, max_in_flight=caps)
+    b = Consumer(rb, stream, "g", "b", f"{stream}:dead", lanes=LANES, max_in_flight=caps)
+    await a.ensure_group()
+    yield a, b
+    keys = [k async for k in ra.scan_iter(match=f"*{stream}*")]
+    if keys:
+        await ra.delete(*keys)
+    await ra.aclose()
+    await rb.aclose()
+
+
+async def fill(c: Consumer, n: int, lane: str | None = None, tenant: str | None = None) -> None:
+    for _ in range(n):
+        await c.enqueue(uuid.uuid4(), lane=lane, tenant=tenant)
+
+
+def lanes_of(msgs: list[Message]) -> list[str]:
+    return [m.queue.lane if m.queue else "default" for m in msgs]
+
+
+async def test_lanes_are_read_by_weight_and_none_is_starved(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, _ = laned
+    for lane in LANES:
+        await fill(a, 40, lane)
+    one_by_one = [m for _ in range(25) for m in await a.read(1, 10)]
+    assert Counter(lanes_of(one_by_one)) == {"interactive": 15, "default": 5, "bulk": 5}
+    batch = await a.read(25, 10)  # one call: the same shares
+    assert Counter(lanes_of(batch)) == {"interactive": 15, "default": 5, "bulk": 5}
+    # Every message says which queue it came from, and acks there.
+    for m in one_by_one + batch:
+        assert m.stream == lane_stream(a.stream, lanes_of([m])[0])
+        await m.ack()
+    for lane in LANES:
+        assert (await a.redis.xpending(lane_stream(a.stream, lane), "g"))["pending"] == 0
+
+
+async def test_an_empty_lane_leaves_its_share_to_the_others(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, _ = laned
+    await fill(a, 10, "bulk")
+    assert lanes_of(await a.read(10, 10)) == ["bulk"] * 10
+
+
+async def test_tenants_of_a_lane_take_turns_whatever_their_backlog(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, b = laned
+    await fill(a, 200, "bulk", "flood")
+    await fill(a, 3, "bulk", "small")  # submitted after the flood
+    got = [m for _ in range(3) for m in await b.read(2, 10)]
+    tenants = [m.queue.tenant if m.queue else None for m in got]
+    assert sorted(t for t in tenants if t == "small") == ["small"] * 3, tenants
+    assert tenants.count("flood") == 3
+
+
+async def test_a_tenant_at_its_in_flight_quota_is_skipped(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, b = laned
+    await fill(a, 10, "default", "capped")
+    await fill(a, 5, "default", "other")
+    first = await a.read(10, 10)
+    second = await b.read(10, 10)  # another replica: the quota is the fleet's
+    capped = [m for m in first + second if m.queue and m.queue.tenant == "capped"]
+    assert len(capped) == 2 and len(first + second) == 7
+    await capped[0].ack()
+    [nxt] = await b.read(10, 10)
+    assert nxt.queue is not None and nxt.queue.tenant == "capped"
+
+
+async def test_a_blocked_read_wakes_for_any_queue(laned: tuple[Consumer, Consumer]) -> None:
+    a, b = laned
+    await a.queues(fresh=True)
+    for lane, tenant in [("bulk", None), ("interactive", "late")]:
+        reader = asyncio.create_task(b.read(5, 3000))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        await a.enqueue(uuid.uuid4(), lane=lane, tenant=tenant)
+        got = await asyncio.wait_for(reader, 5)
+        # A tenant queue new to the reader rings the registry's doorbell.
+        assert time.monotonic() - t0 < 1.5
+        assert [(m.queue.lane, m.queue.tenant) for m in got if m.queue] == [(lane, tenant)]
+
+
+async def test_keys_are_unique_across_queues(laned: tuple[Consumer, Consumer]) -> None:
+    a, _ = laned
+    await a.redis.xadd(lane_stream(a.stream, "bulk"), {"job_id": "x"}, id="5-0")
+    await a.redis.xadd(a.stream, {"job_id": "y"}, id="5-0")
+    got = await a.read(10, 10)
+    assert len({m.key for m in got}) == 2 and {m.message_id for m in got} == {"5-0"}
+    await a.beat("life", 60_000)
+    assert await a.renew([m.key for m in got]) == {}
+    for m in got:
+        await m.ack()
+    assert await a.renew([m.key for m in got]) == {m.key: "gone" for m in got}
+
+
+async def test_every_queue_is_seen_by_the_janitor_and_handed_back(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, b = laned
+    ids = [uuid.uuid4() for _ in range(4)]
+    await a.enqueue(ids[0])
+    await a.enqueue(ids[1], lane="bulk")
+    await a.enqueue(ids[2], lane="bulk", tenant="t1")  # no group yet: all undelivered
+    await a.enqueue(ids[3], lane="interactive", tenant="t2")
+    found, complete = await b.job_ids_in_stream()
+    assert found == set(ids) and complete
+    got = await a.read(10, 10)
+    assert len(got) == 4
+    assert (await b.job_ids_in_stream())[0] == set(ids)  # pending ones too
+    assert await a.hand_back(15_000) == 4
+    await a.stop_beat("none", 60_000)
+    taken = await b.reclaim(min_idle_ms=15_000, count=10)
+    assert {m.key for m in taken} == {m.key for m in got}
+
+
+async def test_an_emptied_tenant_queue_is_dropped_and_comes_back(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, b = laned
+    await a.enqueue(uuid.uuid4(), lane="bulk", tenant="t1")
+    [m] = await a.read(10, 10)
+    await a.remove_idle_consumers(10**9)
+    assert len(await a.queues(fresh=True)) == 4  # pending: kept
+    await m.ack()
+    await a.remove_idle_consumers(10**9)
+    assert len(await a.queues(fresh=True)) == 3 and not await a.redis.exists(m.stream)
+    assert await b.read(10, 10) == []  # a reader that still lists it: nothing, no error
+    await a.enqueue(uuid.uuid4(), lane="bulk", tenant="t1")
+    got = await b.read(10, 1000) or await b.read(10, 1000)
+    assert [x.queue.tenant for x in got if x.queue] == ["t1"]
+
+
+async def test_dead_letter_from_a_tenant_queue(laned: tuple[Consumer, Consumer]) -> None:
+    a, _ = laned
+    await a.enqueue(uuid.uuid4(), lane="bulk", tenant="t1")
+    [m] = await a.read(10, 10)
+    await m.dead_letter("UNKNOWN_JOB")
+    [(_, fields)] = await a.redis.xrange(a.dead_letter_stream)
+    assert fields[b"queue"] == m.stream.encode() and fields[b"tenant"] == b"t1"
+    assert (await a.redis.xpending(m.stream, "g"))["pending"] == 0
+
+
+async def test_enqueue_refuses_an_unknown_lane(laned: tuple[Consumer, Consumer]) -> None:
+    a, _ = laned
+    with pytest.raises(ValueError, match="unknown lane 'urgent'"):
+        await a.enqueue(uuid.uuid4(), lane="urgent")

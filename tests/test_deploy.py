@@ -13,18 +13,23 @@ tests/test_compose.py runs the compose stack for real.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import tomllib
 import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from safeurl_worker.config import parse_lanes
+from safeurl_worker.consumer import lane_stream
 
 yaml = pytest.importorskip("yaml", reason="PyYAML missing: pip install -e '.[dev]'")
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema missing: pip install -e '.[dev]'")
@@ -315,20 +320,36 @@ def test_crd_manifests_match_their_schemas() -> None:
 def test_keda_scales_on_the_backlog_and_on_the_running_scans() -> None:
     (so,) = k8s_kind("ScaledObject")
     triggers = so["spec"]["triggers"]
-    assert [t["type"] for t in triggers] == ["redis-streams", "redis-streams"]
-    for trig in triggers:
-        md = trig["metadata"]
-        assert md["stream"] == "scan-jobs" and md["consumerGroup"] == "scan-workers"
-    lag, pending = (t["metadata"] for t in triggers)
-    assert int(lag["lagCount"]) >= 1 and int(lag["activationLagCount"]) >= 0
-    # Running work keeps its pods: one replica per WORKER_CONCURRENCY pending entries.
     (cm,) = k8s_kind("ConfigMap")
-    assert int(pending["pendingEntriesCount"]) == int(cm["data"]["WORKER_CONCURRENCY"])
-    assert "lagCount" not in pending and "streamLength" not in pending
+    streams = [lane_stream(cm["data"]["SCAN_STREAM"], lane)
+               for lane in parse_lanes(cm["data"]["LANES"])]
+    redis_triggers = [t for t in triggers if t["type"] == "redis-streams"]
+    # Each lane: a trigger on its backlog and one on its running scans.
+    lag = {t["metadata"]["stream"]: t["metadata"] for t in redis_triggers
+           if "lagCount" in t["metadata"]}
+    pending = {t["metadata"]["stream"]: t["metadata"] for t in redis_triggers
+               if "pendingEntriesCount" in t["metadata"]}
+    assert sorted(lag) == sorted(pending) == sorted(streams)
+    assert len(redis_triggers) == 2 * len(streams)
+    for md in lag.values():
+        assert md["consumerGroup"] == cm["data"].get("SCAN_GROUP", "scan-workers")
+        assert int(md["lagCount"]) >= 1 and int(md["activationLagCount"]) >= 0
+        assert "pendingEntriesCount" not in md
+    # Running work keeps its pods: one replica per WORKER_CONCURRENCY pending entries.
+    for md in pending.values():
+        assert int(md["pendingEntriesCount"]) == int(cm["data"]["WORKER_CONCURRENCY"])
+        assert "lagCount" not in md and "streamLength" not in md
+    # Tenant queues cannot be listed: the workers' own stream-wide gauges, max per stream
+    # (every replica reports the same value), summed over all queues.
+    prom = {t["metadata"]["query"]: t["metadata"] for t in triggers if t["type"] == "prometheus"}
+    assert set(prom) == {f"sum(max by (stream) ({m}))"
+                         for m in ("safeurl_stream_lag", "safeurl_stream_pending")}
+    assert int(prom["sum(max by (stream) (safeurl_stream_pending))"]["threshold"]) == \
+        int(cm["data"]["WORKER_CONCURRENCY"])
     assert 1 <= so["spec"]["minReplicaCount"] < so["spec"]["maxReplicaCount"]
     assert so["spec"]["scaleTargetRef"]["name"] == deployment()["metadata"]["name"]
     (ta,) = k8s_kind("TriggerAuthentication")
-    assert {t["authenticationRef"]["name"] for t in triggers} == {ta["metadata"]["name"]}
+    assert {t["authenticationRef"]["name"] for t in redis_triggers} == {ta["metadata"]["name"]}
     (ref,) = ta["spec"]["secretTargetRef"]
     (secret,) = k8s_kind("Secret")
     assert ref["parameter"] == "password" and ref["name"] == secret["metadata"]["name"]
@@ -376,6 +397,8 @@ def test_the_cluster_manifests_agree_with_each_other() -> None:
     assert cm["metadata"]["name"] in env_from
     for trig in so["spec"]["triggers"]:
         md = trig["metadata"]
+        if trig["type"] != "redis-streams":
+            continue
         assert "address" not in md and "host" not in md, "the Redis address is in the configmap"
         assert md["hostFromEnv"] == "REDIS_HOST" and md["portFromEnv"] == "REDIS_PORT"
         assert md["enableTLS"] == cm["data"]["REDIS_TLS"]
@@ -441,14 +464,20 @@ def test_socket_proxy_allowlist_admits_only_what_the_runner_needs() -> None:
                ("POST", f"/v1.41/containers/{cid}/wait"),
                ("POST", f"/v1.41/containers/{cid}/kill"), ("GET", f"/v1.41/containers/{cid}/logs"),
                ("GET", f"/v1.41/containers/{cid}/json"), ("DELETE", f"/v1.41/containers/{cid}"),
-               ("GET", "/v1.41/images/safeurl-fetcher:latest/json")]
+               ("GET", "/v1.41/images/safeurl-fetcher:latest/json"),
+               # the stdin form (attach, rename, `die` events) and the FETCHER_NETWORK check
+               ("POST", f"/v1.41/containers/{cid}/attach"),
+               ("POST", f"/v1.41/containers/{cid}/rename"), ("GET", "/v1.41/events"),
+               ("GET", "/v1.41/networks/safeurl-fetch")]
     denied = [("POST", f"/v1.41/containers/{cid}/exec"), ("POST", "/v1.41/exec/abc/start"),
               ("POST", "/v1.41/images/create"), ("POST", "/v1.41/build"),
               ("POST", "/v1.41/volumes/create"), ("POST", "/v1.41/networks/create"),
               ("GET", "/v1.41/info"), ("DELETE", "/v1.41/images/safeurl-fetcher:latest"),
               ("POST", f"/v1.41/containers/{cid}/archive"),
               ("PUT", f"/v1.41/containers/{cid}/archive"),
-              ("POST", "/v1.41/swarm/init"), ("GET", f"/v1.41/containers/{cid}/export")]
+              ("POST", "/v1.41/swarm/init"), ("GET", f"/v1.41/containers/{cid}/export"),
+              ("DELETE", "/v1.41/networks/safeurl-fetch"), ("GET", "/v1.41/networks"),
+              ("POST", "/v1.41/networks/safeurl-fetch/connect")]
     for method, path in allowed:
         assert method in rules and rules[method].match(path), (method, path)
     for method, path in denied:
@@ -533,13 +562,24 @@ def test_firewall_script_applies_in_a_scratch_network_namespace() -> None:
 
 # --------------------------------------------------------------------------- seccomp
 
-SECCOMP = ROOT / "deploy" / "seccomp" / "default.json"
+# The one source: the package ships it (FETCHER_SECCOMP_PROFILE unset means this file); deploy/
+# links to it for `docker run --security-opt seccomp=...` and the Containerfile.
+SECCOMP = ROOT / "safeurl_worker" / "data" / "seccomp-default.json"
+DEPLOY_SECCOMP = ROOT / "deploy" / "seccomp" / "default.json"
+
+
+def test_seccomp_profile_has_one_source_shipped_in_the_package() -> None:
+    assert DEPLOY_SECCOMP.is_symlink() and DEPLOY_SECCOMP.resolve() == SECCOMP.resolve()
+    assert not SECCOMP.is_symlink()  # a real file, so the wheel carries its bytes
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["safeurl_worker"]
+    assert any(fnmatch.fnmatch("data/seccomp-default.json", g) for g in package_data)
 
 
 def test_seccomp_profile_is_the_pinned_engine_default() -> None:
     """The file is the one deploy/seccomp/README.md names (checksum), and a whitelist."""
     digest = hashlib.sha256(SECCOMP.read_bytes()).hexdigest()
-    assert digest in (SECCOMP.parent / "README.md").read_text()
+    assert digest in (DEPLOY_SECCOMP.parent / "README.md").read_text()
     profile = json.loads(SECCOMP.read_text())
     assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
     allowed = {n for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW"

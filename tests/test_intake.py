@@ -654,3 +654,56 @@ async def test_reclaim_only_after_redis_was_steady_for_a_lease(
     assert first.args == (500, 2 * h.settings.worker_concurrency)
     h.stop()
     await h.returned(within=2.5)
+
+
+# --- politeness: a deferred job waits outside the slots ---------------------------------------
+
+
+async def test_a_deferred_job_gives_its_slot_away_and_keeps_its_message(
+        make: Callable[..., Harness]) -> None:
+    h = make(worker_concurrency=1)
+    c = h.consumer
+    turn = asyncio.Event()  # the domain's turn comes
+    ran: list[str] = []
+
+    async def handler(f: InFlight) -> None:
+        if f.message.message_id == "polite":
+            await h.intake.outside_slot(f, turn.wait())
+            assert f.holds_slot  # it runs in a slot again
+        ran.append(f.message.message_id)
+
+    h.intake.handler = handler
+    c.push("polite")
+    h.start()
+    await wait_until(lambda: h.intake._deferred == 1, "the job is deferred")
+    c.push("next")
+    await wait_until(lambda: "next" in ran, "the next message ran in the freed slot")
+    assert h.metrics.deferred._value.get() == 1
+    # Still ours: its message is renewed with the running ones, and it is not counted
+    # against the room for adoption and takeover (it holds no slot).
+    n = len(h.log.of("renew"))
+    await wait_until(lambda: len(h.log.of("renew")) > n, "a renewal")
+    assert "polite" in h.log.of("renew")[-1].args[0]
+    assert h.intake._room() == 2
+    turn.set()
+    await wait_until(lambda: "polite" in ran, "the deferred job ran")
+    assert h.intake._deferred == 0 and h.metrics.deferred._value.get() == 0
+    await wait_until(lambda: not h.intake._inflight, "nothing in flight")
+    h.stop()
+    await h.returned(within=2.5)
+    assert h.intake._slots._value == 1  # its slot was given back exactly once
+
+
+async def test_a_job_deferred_when_stopping_leaves_promptly(make: Callable[..., Harness]) -> None:
+    h = make(worker_concurrency=1)
+    h.consumer.push("polite")
+
+    async def handler(f: InFlight) -> None:
+        await h.intake.outside_slot(f, h.stopping.wait())  # the gate gives up on stop
+
+    h.intake.handler = handler
+    h.start()
+    await wait_until(lambda: h.intake._deferred == 1, "the job is deferred")
+    h.stop()
+    assert await h.returned(within=2.5) < 1.0
+    assert h.log.of("hand_back")  # its message goes back for another replica

@@ -23,6 +23,7 @@ import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from safeurl_worker.config import Settings
+from safeurl_worker.consumer import lane_stream
 from safeurl_worker.store import Store
 
 from .conftest import ROOT, TestNet, running_worker
@@ -34,10 +35,10 @@ SERVICES = ["bash", str(ROOT / "scripts" / "services.sh")]
 # Every label a replica may export, with every value it may take (docs/operations.md). The
 # stream/group labels are checked against the test's own names; `le` must be a number.
 BOUNDED: dict[str, set[str]] = {
-    "outcome": {"completed", "failed", "timed_out"},
+    "outcome": {"completed", "failed", "timed_out", "dead_lettered"},
     "stage": {"queue_wait", "fetch", "analyze", "total"},
     "result": {"ok", "timeout", "crashed", "output_invalid"},
-    "reason": {"malformed_message", "unknown_job", "max_deliveries"},
+    "reason": {"malformed_message", "unknown_job", "max_deliveries", "domain"},
     "verdict": {"safe", "suspicious", "malicious", "unknown"},
     "action": {"requeued", "recovered", "containers_removed", "consumers_removed"},
     "dependency": {"redis", "postgres", "docker"},
@@ -87,7 +88,9 @@ async def wait_metrics_up(port: int, timeout: float = 15) -> None:
 def assert_labels_bounded(text: bytes, settings: Settings, forbidden: list[str]) -> int:
     """Every label value of every sample comes from a small known set (or is the stream/group
     name); no job id or URL anywhere. Returns the number of labelled samples checked."""
-    names = {"stream": {settings.scan_stream}, "group": {settings.scan_group}}
+    names = {"stream": {lane_stream(settings.scan_stream, lane) for lane in settings.lane_weights},
+             "group": {settings.scan_group}, "lane": set(settings.lane_weights),
+             "tenant": {""}}  # no tenant submits here
     checked = 0
     for family in text_string_to_metric_families(text.decode()):
         assert family.name.startswith("safeurl_"), family.name

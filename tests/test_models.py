@@ -125,3 +125,14 @@ async def test_sanitized_report_is_stored(store: Store) -> None:
     assert row is not None and row["state"] == "COMPLETED"
     assert row["title"] == report.title and row["final_url"] == report.final_url
     assert Report.model_validate(row["report"]) == report
+
+
+def test_a_job_without_lane_or_tenant_is_the_default_lane_without_a_tenant() -> None:
+    from uuid import uuid4
+
+    from safeurl_worker.models import Job
+
+    job = Job(id=uuid4(), url="http://a.test/", state=State.QUEUED, version=0, attempts=0)
+    assert (job.lane, job.tenant) == (None, None)
+    bulk = job.model_copy(update={"lane": "bulk", "tenant": "acme"})
+    assert (bulk.lane, bulk.tenant) == ("bulk", "acme")

@@ -12,10 +12,11 @@ import redis.asyncio as redis
 
 from safeurl_worker import ops
 from safeurl_worker.config import Settings
-from safeurl_worker.consumer import Consumer
+from safeurl_worker.consumer import Consumer, Queue
 from safeurl_worker.models import Analysis, Job, Report, State, Verdict
 from safeurl_worker.ops import check_invariants
-from safeurl_worker.store import Store
+from safeurl_worker.politeness import target_domain
+from safeurl_worker.store import QuotaExceeded, Store, Submission
 
 from .helpers import check, janitor_jobs
 
@@ -273,7 +274,8 @@ async def test_prune_skips_a_job_another_transaction_holds(store: Store) -> None
 
 def _consumer(settings: Settings, rds: redis.Redis) -> Consumer:
     return Consumer(rds, settings.scan_stream, settings.scan_group, "cli:test",
-                    settings.dead_letter_stream, settings.dead_letter_maxlen)
+                    settings.dead_letter_stream, settings.dead_letter_maxlen,
+                    lanes=settings.lane_weights)
 
 
 def test_durations() -> None:
@@ -313,3 +315,124 @@ async def test_prune_takes_the_dead_letters_of_pruned_jobs_and_check_passes(
     left = [e["id"] for e in await ops.dlq_list(_consumer(settings, rds), 10)]
     assert old_entry not in left and left == [new_entry, junk]
     assert await _problems(store, rds, settings) == []  # the full check, not --allow-active
+
+
+# --- lanes and tenants ----------------------------------------------------------------------
+
+
+async def _entries(rds: redis.Redis, stream: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in await rds.xrange(stream)]
+
+
+async def test_submit_retry_and_replay_enqueue_to_the_jobs_lane_and_tenant(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    consumer = _consumer(settings, rds)
+    url = "http://www.site-a.test/page"
+    got = await ops.submit_scan(store, consumer, Submission(uuid.uuid4(), url, lane="bulk",
+                                                            tenant="acme"), max_queued=1)
+    queue = Queue.of(settings.scan_stream, "bulk", "acme").stream
+    want = {"job_id": str(got.id), "lane": "bulk", "tenant": "acme",
+            "domain": target_domain(url)}
+    assert target_domain(url) is not None
+    assert await _entries(rds, queue) == [want]
+    # Over the quota: refused, and nothing reaches any stream.
+    with pytest.raises(QuotaExceeded):
+        await ops.submit_scan(store, consumer, Submission(uuid.uuid4(), url, lane="bulk",
+                                                          tenant="acme"), max_queued=1)
+    assert len(await _entries(rds, queue)) == 1
+    assert await rds.exists(settings.scan_stream) == 0  # the default lane got nothing
+
+    job = await store.get_job(got.id)
+    assert job is not None
+    await _move(store, job, State.FAILED, error_code="TIMEOUT")
+    assert await ops.retry_jobs(store, consumer, job_ids=[got.id], state=None, error_code=None,
+                                since=None, limit=10, actor="t") == (1, 0)
+    assert await _entries(rds, queue) == [want, want]  # back to its own queue
+
+    job = await store.get_job(got.id)
+    assert job is not None
+    await _move(store, job, State.FAILED, error_code="MAX_DELIVERIES")
+    eid = await _dead_letter(rds, settings, "MAX_DELIVERIES", got.id)
+    assert await ops.dlq_replay(store, consumer, [eid], "t") == (1, [])
+    assert await _entries(rds, queue) == [want, want, want]
+
+    # A job of a lane since removed from LANES is retried in the default lane.
+    gone = await store.get_job(await store.insert_job(url, lane="nightly"))
+    assert gone is not None
+    await _move(store, gone, State.FAILED, error_code="TIMEOUT")
+    assert await ops.retry_jobs(store, consumer, job_ids=[gone.id], state=None,
+                                error_code=None, since=None, limit=10, actor="t") == (1, 0)
+    assert await _entries(rds, settings.scan_stream) == [
+        {"job_id": str(gone.id), "domain": target_domain(url)}]
+    await rds.delete(settings.scan_stream)
+
+    # A job of the default lane without a tenant: the plain stream, as before lanes.
+    plain = await ops.submit_scan(store, consumer, Submission(uuid.uuid4(), url))
+    assert await _entries(rds, settings.scan_stream) == [
+        {"job_id": str(plain.id), "domain": target_domain(url)}]
+    assert ops.max_queued(settings, None) == 0
+    assert ops.max_queued(settings, "acme") == settings.tenant_max_queued
+
+
+async def test_status_counts_queued_and_running_per_lane_and_tenant(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    for lane, tenant in (("bulk", "acme"), ("bulk", "acme"), (None, "zed"), (None, None)):
+        await store.insert_job("http://a.test/", lane=lane, tenant=tenant)
+    await _move(store, await _job(store), State.FETCHING)  # running, default lane, no tenant
+    await _failed(store, "TIMEOUT")  # finished: counted nowhere
+    st = await ops.fleet_status(store, rds, settings)
+    assert st["lanes"] == {"interactive": {"queued": 0, "running": 0},
+                           "default": {"queued": 2, "running": 1},
+                           "bulk": {"queued": 2, "running": 0}}
+    assert list(st["lanes"]) == list(settings.lane_weights)  # priority order
+    assert st["tenants"] == {"acme": {"queued": 2, "running": 0},
+                             "zed": {"queued": 1, "running": 0}}
+    table = ops.status_table(st).splitlines()
+    assert table[0] == "JOBS"  # the existing shape first, the new sections after it
+    i = table.index("LANES                              queued  running")
+    assert table[i + 1:i + 4] == [
+        "  interactive                           0        0",
+        "  default                               2        1",
+        "  bulk                                  2        0"]
+    j = table.index("TENANTS                            queued  running")
+    assert table[j + 1:] == ["  acme                                  2        0",
+                             "  zed                                   1        0"]
+    assert st["queues"] == {}  # nothing was XADDed (rows inserted directly)
+
+
+async def test_status_shows_every_queue_with_its_length_lag_and_pending(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    consumer = _consumer(settings, rds)
+    for lane, tenant in (("bulk", "acme"), ("bulk", "acme"), ("interactive", None), (None, None)):
+        await consumer.enqueue(uuid.uuid4(), lane=lane, tenant=tenant)
+    interactive = Queue.of(settings.scan_stream, "interactive", None).stream
+    await rds.xgroup_create(interactive, settings.scan_group, id="0")
+    await rds.xreadgroup(settings.scan_group, W, {interactive: ">"}, count=1)
+    st = await ops.fleet_status(store, rds, settings)
+    acme = Queue.of(settings.scan_stream, "bulk", "acme").stream
+    assert st["queues"] == {
+        interactive: {"lane": "interactive", "tenant": None, "length": 1, "lag": 0,
+                      "pending": 1},
+        acme: {"lane": "bulk", "tenant": "acme", "length": 2, "lag": 2, "pending": 0}}
+    assert st["stream"]["length"] == 1  # the default lane's own stream, as before
+    table = ops.status_table(st)
+    assert f"  queue {interactive}  length 1  lag 0  pending 1" in table
+    assert f"  queue {acme}  length 2  lag 2  pending 0" in table
+
+
+async def test_check_finds_unread_entries_in_lane_streams_and_tenant_queues(
+        settings: Settings, store: Store, rds: redis.Redis) -> None:
+    consumer = _consumer(settings, rds)
+    await _quiet_group(rds, settings)
+    assert await _problems(store, rds, settings, allow_active=False) == []
+    await consumer.enqueue(uuid.uuid4(), lane="bulk", tenant="acme")
+    tenant_queue = Queue.of(settings.scan_stream, "bulk", "acme").stream
+    assert await _problems(store, rds, settings) == [
+        f"{tenant_queue} has 1 entries never read"]
+    await rds.delete(tenant_queue)
+    lane = Queue.of(settings.scan_stream, "interactive", None).stream
+    await rds.xgroup_create(lane, settings.scan_group, id="$", mkstream=True)
+    await consumer.enqueue(uuid.uuid4(), lane="interactive")
+    assert await _problems(store, rds, settings) == [
+        f"consumer group of {lane} has lag 1 (entries never read)"]

@@ -321,8 +321,8 @@ class FakeConsumer:
     def steady_for(self) -> float:
         return self.steady
 
-    async def ack_batched(self, message_id: str) -> None:
-        self.events.append(("ack", message_id))
+    async def ack_batched(self, message: Message) -> None:
+        self.events.append(("ack", message.message_id))
 
     async def dead_letter(self, message: Message, reason: str) -> None:
         self.events.append(("dead_letter", message.message_id, reason))

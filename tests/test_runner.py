@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +28,7 @@ from safeurl_worker.runner import (
     LABEL_WORKER,
     WARM_PREFIX,
     DockerUnavailable,
+    FetcherNetworkMissing,
     Runner,
     RunStatus,
     container_config,
@@ -33,7 +36,7 @@ from safeurl_worker.runner import (
     render_config,
 )
 
-from .conftest import FETCHER_IMAGE, ROOT, TestNet, _derived_image, docker
+from .conftest import FETCHER_IMAGE, REDIS_URL, ROOT, TestNet, _derived_image, docker
 
 GOOD = {"fetcher_version": "1.0", "requested_url": "http://a.test/", "final_url": "http://a.test/",
         "http_status": 200, "body_size": 3, "error": None}
@@ -823,30 +826,125 @@ async def test_fetcher_runtime_puts_every_sandbox_container_under_gvisor(
     assert out[:2] == ["4.4.0", "200"] and os.uname().release != "4.4.0", out
 
 
-# --- FETCHER_SECCOMP_PROFILE: the filter pinned in the repo ---------------------------------
+# --- FETCHER_SECCOMP_PROFILE: the filter pinned in the package, by default ------------------
 
-PINNED_SECCOMP = ROOT / "deploy" / "seccomp" / "default.json"
+SHIPPED_SECCOMP = ROOT / "safeurl_worker" / "data" / "seccomp-default.json"
 
 
-def test_seccomp_profile_is_passed_as_its_text_and_a_bad_file_stops_start_up(
-        tmp_path: Path) -> None:
-    s = load_settings(fetcher_seccomp_profile=str(PINNED_SECCOMP))
-    opts = container_config(s, uuid.uuid4(), "http://a.test/")["HostConfig"]["SecurityOpt"]
-    assert opts[0] == "no-new-privileges"
-    assert json.loads(opts[1].removeprefix("seccomp=")) == json.loads(PINNED_SECCOMP.read_text())
-    assert container_config(load_settings(), None)["HostConfig"]["SecurityOpt"] == [
-        "no-new-privileges"]  # unset: the daemon's built-in profile
+def test_the_shipped_seccomp_profile_is_the_default_passed_as_its_text(tmp_path: Path) -> None:
+    shipped = load_settings()
+    assert Path(shipped.fetcher_seccomp_profile) == Path(runner_mod.__file__).parent / "data" / \
+        "seccomp-default.json"
+    opts = container_config(shipped, uuid.uuid4(), "http://a.test/")["HostConfig"]["SecurityOpt"]
+    assert opts[0] == "no-new-privileges" and len(opts) == 2
+    assert json.loads(opts[1].removeprefix("seccomp=")) == json.loads(SHIPPED_SECCOMP.read_text())
+    # An operator's own file, the same way.
+    own = tmp_path / "own.json"
+    own.write_text('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}')
+    opts = container_config(load_settings(fetcher_seccomp_profile=str(own)), None)[
+        "HostConfig"]["SecurityOpt"]
+    assert opts == ["no-new-privileges", 'seccomp={"defaultAction":"SCMP_ACT_ERRNO","syscalls":[]}']
+    # `daemon`: no profile named, the daemon applies its built-in one.
+    daemon = load_settings(fetcher_seccomp_profile="daemon")
+    assert daemon.fetcher_seccomp_profile == "daemon"
+    assert container_config(daemon, None)["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]
+
+
+def test_a_missing_or_broken_seccomp_profile_stops_start_up(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text('{"names": []}')
-    for path in (str(tmp_path / "missing.json"), str(broken)):
+    # `unconfined` is not a way out of the filter: it is read as a (missing) file.
+    for path in (str(tmp_path / "missing.json"), str(broken), "unconfined"):
         with pytest.raises(ConfigError, match="FETCHER_SECCOMP_PROFILE"):
             load_settings(fetcher_seccomp_profile=path)
 
 
 @pytest.mark.integration
-async def test_a_scan_runs_under_the_pinned_seccomp_profile(testnet: TestNet) -> None:
-    settings = net_settings(testnet, fetcher_seccomp_profile=str(PINNED_SECCOMP))
+async def test_a_scan_runs_under_the_shipped_seccomp_profile(testnet: TestNet) -> None:
+    settings = net_settings(testnet)  # FETCHER_SECCOMP_PROFILE unset
+    assert settings.fetcher_seccomp_profile == str(SHIPPED_SECCOMP.resolve())
     async with real_runner(settings) as runner:
         result = await runner.run(uuid.uuid4(), "http://site-a.test/")
     assert result.status is RunStatus.OK, result.detail
     assert result.report is not None and result.report.http_status == 200
+
+
+@pytest.mark.integration
+async def test_a_render_scan_runs_under_the_shipped_seccomp_profile(testnet: TestNet) -> None:
+    """Chromium too: the browser sandbox gets the same filter (render_config) and renders."""
+    settings = net_settings(testnet, container_timeout_ms=60000)
+    assert settings.fetcher_seccomp_profile == str(SHIPPED_SECCOMP.resolve())
+    async with real_runner(settings) as runner:
+        result = await runner.run(uuid.uuid4(), "http://site-a.test/", mode="render")
+    assert result.status is RunStatus.OK, result.detail
+    assert result.report is not None and result.report.http_status == 200
+    assert result.report.render is not None
+
+
+# --- FETCHER_NETWORK: the isolated network by default, checked at start-up ------------------
+
+
+def test_fetcher_network_defaults_to_the_isolated_network_the_scripts_make() -> None:
+    assert load_settings().fetcher_network == "safeurl-fetch"
+    services = (ROOT / "scripts" / "services.sh").read_text()
+    # The message's recipe for the default network is the script's own command.
+    message = str(FetcherNetworkMissing("safeurl-fetch"))
+    assert "`bash scripts/services.sh docker`" in message
+    create = ("docker network create --driver bridge --opt com.docker.network.bridge.name="
+              "br-safeurl --opt com.docker.network.bridge.enable_icc=false safeurl-fetch")
+    assert create in message and create in " ".join(services.replace("\\\n", " ").split())
+    with pytest.raises(ConfigError, match="FETCHER_NETWORK"):
+        load_settings(fetcher_network="")
+
+
+@pytest.mark.integration
+async def test_a_missing_fetcher_network_is_refused_with_how_to_create_it(
+        testnet: TestNet) -> None:
+    name = f"safeurl-missing-{uuid.uuid4().hex[:8]}"  # no such network; none is created
+    async with real_runner(real_settings(fetcher_network=name)) as runner:
+        with pytest.raises(FetcherNetworkMissing) as err:
+            await runner.check_network()
+    assert isinstance(err.value, ConfigError)
+    message = str(err.value)
+    assert message.startswith(f"FETCHER_NETWORK={name}: no such Docker network.")
+    assert (f"`docker network create --driver bridge --opt com.docker.network.bridge."
+            f"enable_icc=false {name}`") in message
+    assert "set FETCHER_NETWORK to an existing network" in message
+    assert not docker("network", "ls", "-q", "--filter", f"name={name}")
+    for existing in (testnet.name, "none", "bridge"):  # `none` and `bridge` always exist
+        async with real_runner(real_settings(fetcher_network=existing)) as runner:
+            await runner.check_network()
+
+
+async def test_an_unreachable_daemon_does_not_decide_the_network_check(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Docker down at start-up is not a configuration error: the worker waits for Docker as
+    it does during a run, and its containers then name the network (no fallback)."""
+    client = aiodocker.Docker(url=f"unix://{tmp_path / 'no-docker.sock'}")
+    try:
+        with caplog.at_level("WARNING", logger="safeurl.runner"):
+            await Runner(real_settings(fetcher_network="safeurl-fetch"), client).check_network()
+    finally:
+        await client.close()
+    assert "could not check FETCHER_NETWORK" in caplog.text
+
+
+@pytest.mark.integration
+def test_the_worker_stops_at_start_up_when_its_network_is_missing() -> None:
+    """`safeurl-worker run` ends at once (exit 2) with the one-line message, no traceback; it
+    never falls back to another network, and never reads the stream."""
+    name = f"safeurl-missing-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "FETCHER_NETWORK": name, "METRICS_PORT": "0", "LOG_FORMAT": "text",
+           "SCAN_STREAM": f"scan-jobs-{uuid.uuid4().hex[:8]}", "WORKER_ID": "w-no-network"}
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "safeurl_worker", "run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == \
+        f"safeurl-worker: invalid configuration: {FetcherNetworkMissing(name)}"
+    assert time.monotonic() - started < 15
+    exists = subprocess.run(["redis-cli", "-u", REDIS_URL, "exists", env["SCAN_STREAM"]],
+                            capture_output=True, text=True, timeout=10, check=True)
+    assert exists.stdout.strip() == "0"  # no consumer group was made: it stopped before
+

@@ -28,10 +28,14 @@ import pytest
 from safeurl_worker.config import Settings
 from safeurl_worker.runner import LABEL_JOB, LABEL_WORKER, Runner, container_config
 
-from .conftest import FETCHER_IMAGE, TestNet, docker
+from .conftest import FETCHER_IMAGE, ROOT, TestNet, docker
 
 pytestmark = pytest.mark.integration
 
+# What a container carries with FETCHER_SECCOMP_PROFILE unset: the package's profile, as text.
+SHIPPED_SECCOMP = ROOT / "safeurl_worker" / "data" / "seccomp-default.json"
+SHIPPED_SECCOMP_OPT = "seccomp=" + json.dumps(json.loads(SHIPPED_SECCOMP.read_bytes()),
+                                              separators=(",", ":"))
 REDIS_SECRET = f"redis-pw-{uuid.uuid4().hex}"
 DB_SECRET = f"db-pw-{uuid.uuid4().hex}"
 
@@ -214,7 +218,7 @@ async def test_running_fetcher_container_is_locked_down(
         assert cfg["User"] == "65534:65534"
         assert hc["ReadonlyRootfs"] is True
         assert hc["CapDrop"] == ["ALL"] and not hc.get("CapAdd")
-        assert hc["SecurityOpt"] == ["no-new-privileges"]
+        assert hc["SecurityOpt"] == ["no-new-privileges", SHIPPED_SECCOMP_OPT]
         assert hc["Privileged"] is False
         assert hc["PidsLimit"] == settings.container_pids_limit == 64
         assert hc["Memory"] == hc["MemorySwap"] == mem
@@ -324,6 +328,28 @@ def _host_address_on(network: str) -> str:
     addr = candidates[0]
     assert addr in ours and not ipaddress.ip_address(addr).is_loopback
     return addr
+
+
+async def test_by_default_a_fetcher_is_on_the_isolated_network_under_the_shipped_profile(
+        dockerc: aiodocker.Docker) -> None:
+    """Nothing set but the image: the container is on `safeurl-fetch` (made by
+    scripts/services.sh: its own bridge, no traffic between containers) and carries the
+    seccomp profile shipped in the package; FETCHER_SECCOMP_PROFILE=daemon leaves the daemon's
+    built-in one. The URL is refused by the fetcher's address check: nothing leaves it."""
+    net = json.loads(docker("network", "inspect", "safeurl-fetch"))[0]  # scripts/setup.sh
+    assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+    for profile, security in (("", ["no-new-privileges", SHIPPED_SECCOMP_OPT]),
+                              ("daemon", ["no-new-privileges"])):
+        settings = Settings(fetcher_image=FETCHER_IMAGE, fetcher_seccomp_profile=profile,
+                            worker_id=f"w-sandbox-{uuid.uuid4().hex[:6]}")
+        code, out, info = await _run_to_exit(
+            dockerc, container_config(settings, uuid.uuid4(), "http://127.0.0.1/"), timeout=30)
+        hc = info["HostConfig"]
+        assert hc["NetworkMode"] == settings.fetcher_network == "safeurl-fetch"
+        assert list(info["NetworkSettings"]["Networks"]) == ["safeurl-fetch"]
+        assert hc["SecurityOpt"] == security, (profile, [o[:40] for o in hc["SecurityOpt"]])
+        report = json.loads(out)
+        assert code == 0 and report["error"]["code"] == "BLOCKED_TARGET", out[:500]
 
 
 @pytest.mark.parametrize("network", ["testnet", "bridge"])

@@ -11,7 +11,16 @@ import pytest
 
 from safeurl_worker.artifacts import Artifact
 from safeurl_worker.models import Analysis, Job, Render, RenderImage, Report, State, Verdict
-from safeurl_worker.store import Store, Submission
+from safeurl_worker.store import (
+    RETRY_MAX_S,
+    RETRY_MIN_S,
+    RETRY_UNKNOWN_S,
+    QuotaExceeded,
+    Store,
+    Submission,
+    create_pool,
+    retry_after_s,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -210,3 +219,160 @@ async def test_artifacts_inline_in_an_older_report_are_still_listed_and_served(
     shot = await store.artifact(job.id, "screenshot")
     assert base64.b64decode(shot["base64"]) == PNG
     assert await store.artifact(job.id, "dom") == "<html>old</html>"
+
+
+# --- lanes, tenants and the queued quota ----------------------------------------------------
+
+
+def _sub(url: str = "http://a.test/", **kw: object) -> Submission:
+    return Submission(uuid.uuid4(), url, **kw)  # type: ignore[arg-type]
+
+
+async def test_lane_and_tenant_are_stored_and_null_on_rows_of_another_service(
+        store: Store) -> None:
+    got = await store.submit_job(_sub(lane="bulk", tenant="acme"))
+    job = await store.get_job(got.id)
+    assert job is not None and (job.lane, job.tenant) == ("bulk", "acme")
+    inserted = await store.get_job(await store.insert_job("http://b.test/", lane="interactive",
+                                                          tenant="t1"))
+    assert inserted is not None and (inserted.lane, inserted.tenant) == ("interactive", "t1")
+    # An API service that knows nothing of lanes INSERTs without them: default lane, no tenant.
+    plain_id = uuid.uuid4()
+    await store.pool.execute("INSERT INTO scan_jobs (id, url) VALUES ($1, 'http://c.test/')",
+                             plain_id)
+    plain = await store.get_job(plain_id)
+    assert plain is not None and (plain.lane, plain.tenant) == (None, None)
+    # Both columns also come back from the claim and from the janitor's queries.
+    claimed, ok = await store.load_and_claim(got.id, worker_id="w", owner_token="o",
+                                             max_faults=5, detail={})
+    assert ok and claimed is not None and (claimed.lane, claimed.tenant) == ("bulk", "acme")
+    assert {(j.lane, j.tenant) for j in await store.queued_since(-1)} == {
+        ("interactive", "t1"), (None, None)}
+
+
+async def test_the_queued_quota_refuses_clearly_and_counts_only_that_tenants_queued_jobs(
+        store: Store) -> None:
+    for _ in range(3):
+        assert (await store.submit_job(_sub(tenant="acme"), max_queued=3)).created
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.submit_job(_sub(tenant="acme"), max_queued=3)
+    exc = refused.value
+    assert (exc.tenant, exc.queued, exc.limit) == ("acme", 3, 3)
+    assert exc.retry_after_s == RETRY_UNKNOWN_S  # none of its jobs finished lately
+    assert "tenant 'acme' has 3 queued scans, its limit is 3" in str(exc)
+    assert await store.pool.fetchval("SELECT count(*) FROM scan_jobs") == 3  # nothing written
+    # Other tenants, jobs without a tenant, and no limit (0) are not held up.
+    assert (await store.submit_job(_sub(tenant="other"), max_queued=3)).created
+    assert (await store.submit_job(_sub(), max_queued=3)).created
+    assert (await store.submit_job(_sub(tenant="acme"), max_queued=0)).created
+    # A job that leaves QUEUED frees its place.
+    job = await store.get_job(await store.pool.fetchval(
+        "SELECT id FROM scan_jobs WHERE tenant = 'acme' LIMIT 1"))
+    assert job is not None
+    assert await store.transition(job, State.FETCHING, worker_id="w") is not None
+    with pytest.raises(QuotaExceeded):  # 3 of the 4 are still QUEUED
+        await store.submit_job(_sub(tenant="acme"), max_queued=3)
+    assert (await store.submit_job(_sub(tenant="acme"), max_queued=4)).created
+
+
+async def test_an_idempotent_repeat_returns_its_job_even_at_the_quota(store: Store) -> None:
+    first = await store.submit_job(_sub(tenant="acme", idempotency_key="k:1",
+                                        request_hash="h"), max_queued=1)
+    assert first.created
+    again = await store.submit_job(_sub(tenant="acme", idempotency_key="k:1",
+                                        request_hash="h"), max_queued=1)
+    assert (again.id, again.created, again.request_hash) == (first.id, False, "h")
+    with pytest.raises(QuotaExceeded):  # a new key is a new job: refused
+        await store.submit_job(_sub(tenant="acme", idempotency_key="k:2"), max_queued=1)
+
+
+async def test_the_retry_hint_follows_the_tenants_recent_throughput(store: Store) -> None:
+    for _ in range(2):
+        await store.submit_job(_sub(tenant="acme"), max_queued=2)
+    # 10 of acme's jobs finished in the last 5 minutes (one every 30 s): one more place in ~30 s.
+    # Another tenant's finishes do not count.
+    for tenant, n in (("acme", 10), ("other", 50)):
+        await store.pool.execute(
+            "INSERT INTO scan_jobs (id, url, state, tenant, finished_at) "
+            "SELECT gen_random_uuid(), 'http://a.test/', 'COMPLETED', $1, "
+            "now() - interval '1 minute' FROM generate_series(1, $2)", tenant, n)
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.submit_job(_sub(tenant="acme"), max_queued=2)
+    assert refused.value.retry_after_s == 30
+    assert retry_after_s(1, 0) == RETRY_UNKNOWN_S
+    assert retry_after_s(1, 10**6) == RETRY_MIN_S  # never "now"
+    assert retry_after_s(10**6, 1) == RETRY_MAX_S  # never "in a week"
+    assert retry_after_s(5, 10) == 150
+
+
+async def test_concurrent_submissions_never_overshoot_the_quota(database: str) -> None:
+    """40 submissions of one tenant at once, on 16 connections, against a quota of 10: exactly
+    10 jobs, 30 refusals. Without the per-tenant lock each transaction would count the others'
+    uncommitted rows as absent and most would get in."""
+    pool = await create_pool(database, 16, min_size=16)
+    try:
+        store = Store(pool)
+
+        async def one() -> bool:
+            try:
+                return (await store.submit_job(_sub(tenant="acme"), max_queued=10)).created
+            except QuotaExceeded:
+                return False
+
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*(one() for _ in range(40)))
+        assert results.count(True) == 10
+        assert await pool.fetchval(
+            "SELECT count(*) FROM scan_jobs WHERE tenant = 'acme' AND state = 'QUEUED'") == 10
+    finally:
+        await pool.close()
+
+
+async def test_a_submission_waits_for_the_tenants_lock_and_only_that_tenants(
+        store: Store) -> None:
+    """The quota's lock is the one taken: while another transaction holds acme's, an acme
+    submission waits and another tenant's does not."""
+    async with store.pool.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT pg_advisory_xact_lock($1, hashtext('acme'))",
+                             0x5AFE0002)
+        waiting = asyncio.create_task(store.submit_job(_sub(tenant="acme"), max_queued=5))
+        async with asyncio.timeout(10):
+            assert (await store.submit_job(_sub(tenant="other"), max_queued=5)).created
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+    async with asyncio.timeout(10):
+        assert (await waiting).created
+
+
+async def test_queue_counts_and_lane_and_tenant_filters(store: Store) -> None:
+    ids = {}
+    for lane, tenant in (("bulk", "acme"), ("bulk", "acme"), (None, "acme"), (None, None),
+                         ("interactive", "zed")):
+        ids[(lane, tenant)] = (await store.submit_job(_sub(lane=lane, tenant=tenant))).id
+    job = await store.get_job(ids[("interactive", "zed")])
+    assert job is not None and await store.transition(job, State.FETCHING, worker_id="w")
+    rows = {(r["lane"], r["tenant"]): (r["queued"], r["running"])
+            for r in await store.queue_counts()}
+    assert rows == {("bulk", "acme"): (2, 0), ("default", "acme"): (1, 0),
+                    ("default", None): (1, 0), ("interactive", "zed"): (0, 1)}
+
+    async def listed(**kw: str) -> set[tuple[str | None, str | None]]:
+        found = await store.list_scans(state=None, verdict=None, since=None, url=None,
+                                       after=None, limit=50, **kw)  # type: ignore[arg-type]
+        return {(r["lane"], r["tenant"]) for r in found}
+
+    assert await listed(lane="bulk") == {("bulk", "acme")}
+    assert await listed(lane="default") == {(None, "acme"), (None, None)}
+    assert await listed(tenant="acme") == {("bulk", "acme"), (None, "acme")}
+    assert await listed(lane="bulk", tenant="zed") == set()
+
+
+async def test_the_queued_count_uses_the_partial_index(store: Store) -> None:
+    await store.pool.execute(
+        "INSERT INTO scan_jobs (id, url, state, tenant) SELECT gen_random_uuid(), 'http://a/', "
+        "CASE WHEN i % 10 = 0 THEN 'QUEUED' ELSE 'COMPLETED' END, 't' || (i % 50) "
+        "FROM generate_series(1, 20000) i")
+    await store.pool.execute("ANALYZE scan_jobs")
+    plan = "\n".join(r[0] for r in await store.pool.fetch(
+        "EXPLAIN SELECT count(*) FROM scan_jobs WHERE tenant = $1 AND state = 'QUEUED'", "t10"))
+    assert "scan_jobs_tenant_queued_idx" in plan, plan

@@ -4,7 +4,8 @@ of replicas can run side by side. Every operation is the one the CLI runs (ops.p
 Errors are JSON `{"error": <code>, "message": <text>}` (plus `detail` for 422): 401 without a
 known bearer token, 403 when its scopes do not allow the call, 404, 409 (an Idempotency-Key
 reused with another body), 413 (body over API_MAX_BODY_BYTES), 422 (validation, including the
-worker's own URL rules and the SSRF rules for callback URLs), 429 (API_RATE_LIMIT_PER_MIN).
+worker's own URL rules and the SSRF rules for callback URLs), 429 (API_RATE_LIMIT_PER_MIN, or a
+tenant's queued-scans quota; both with Retry-After).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..errors import is_transient
 from ..fetcher import netcheck
 from ..models import State, Verdict
 from ..pipeline import url_problem
-from ..store import Store, Submission, create_pool
+from ..store import QuotaExceeded, Store, Submission, create_pool
 from .artifacts import Kind, artifact_response
 from .config import ApiSettings, ApiToken, find_token
 from .console import add_console
@@ -74,7 +75,7 @@ async def services(settings: Settings, api: ApiSettings, pool_size: int = 5
     client = connect(settings.redis_dsn)
     consumer = Consumer(client, settings.scan_stream, settings.scan_group,
                         f"api-{settings.worker_id}", settings.dead_letter_stream,
-                        settings.dead_letter_maxlen)
+                        settings.dead_letter_maxlen, lanes=settings.lane_weights)
     try:
         yield Services(settings, api, Store(pool, api.callback_default_url,
                                             notify=api.notify_finished), consumer, api.tokens,
@@ -107,6 +108,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": what} for code, what in [
         (401, "no or unknown bearer token"), (403, "the token lacks the scope"),
         (422, "invalid request"), (429, "rate limit of the token reached")]}
+_QUOTA_429 = {"model": ErrorBody, "description": "rate limit of the token, or the tenant's "
+              "queued-scans quota, reached (see Retry-After)"}
 
 
 # --- auth and limits --------------------------------------------------------------------------
@@ -267,7 +270,8 @@ Svc = Annotated[Services, Depends(_services)]
 def _scan_routes(app: FastAPI) -> None:
     @app.post("/v1/scans", status_code=202, response_model=ScanAccepted, tags=["scans"],
               responses={409: {"model": ErrorBody, "description": "Idempotency-Key reused "
-                                                                  "with another body"}})
+                                                                  "with another body"},
+                         429: _QUOTA_429})
     async def submit(body: ScanRequest, svc: Svc,
                      token: Annotated[ApiToken, Depends(scope("submit"))],
                      idempotency_key: Annotated[str | None, Header(
@@ -278,13 +282,22 @@ def _scan_routes(app: FastAPI) -> None:
         problem = url_problem(body.url)
         if problem is not None:
             raise ApiError(422, "invalid_url", problem)
+        body = _scheduling(svc, body, token)
         if body.callback_url is not None:
             await _check_callback(svc, body.callback_url)
         request_hash = hashlib.sha256(orjson.dumps(
             body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
-        got = await ops.submit_scan(svc.store, svc.consumer, Submission(
+        sub = Submission(
             uuid.uuid4(), body.url, body.callback_url, body.metadata, body.mode,
-            f"{token.name}:{idempotency_key}" if idempotency_key else None, request_hash))
+            f"{token.name}:{idempotency_key}" if idempotency_key else None, request_hash,
+            lane=None if body.lane == "default" else body.lane, tenant=body.tenant)
+        try:
+            got = await ops.submit_scan(svc.store, svc.consumer, sub,
+                                        ops.max_queued(svc.settings, body.tenant))
+        except QuotaExceeded as exc:
+            # The message names the tenant, its queued count and limit, and the hint.
+            raise ApiError(429, "quota_exceeded", str(exc),
+                           {"Retry-After": str(exc.retry_after_s)}) from None
         if not got.created and got.request_hash != request_hash:
             raise ApiError(409, "conflict", "this Idempotency-Key was used with another "
                            f"request body (job {got.id})")
@@ -322,6 +335,8 @@ def _scan_routes(app: FastAPI) -> None:
             state: State | None = None, verdict: Verdict | None = None,
             since: Annotated[datetime | None, Query(description="created at or after")] = None,
             url: Annotated[str | None, Query(max_length=8192, description="exact URL")] = None,
+            lane: Annotated[str | None, Query(max_length=32)] = None,
+            tenant: Annotated[str | None, Query(max_length=64)] = None,
             cursor: Annotated[str | None, Query(max_length=200)] = None,
             limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> ScanPage:
         """Scans newest first; follow `next_cursor` for older ones."""
@@ -331,11 +346,28 @@ def _scan_routes(app: FastAPI) -> None:
         limit = min(limit, svc.api.api_page_max)
         rows = await svc.store.list_scans(
             state=state.value if state else None, verdict=verdict.value if verdict else None,
-            since=since, url=url, after=_decode_cursor(cursor), limit=limit)
+            since=since, url=url, after=_decode_cursor(cursor), limit=limit, lane=lane,
+            tenant=tenant)
         items = [ScanSummary.model_validate(r) for r in rows]
         last = rows[-1] if len(rows) == limit else None
         return ScanPage(items=items, next_cursor=_encode_cursor(last["created_at"], last["id"])
                         if last else None)
+
+
+def _scheduling(svc: Services, body: ScanRequest, token: ApiToken) -> ScanRequest:
+    """The request's lane must be configured (LANES); a token bound to a tenant submits for
+    that tenant: the body's tenant is filled in, or must match. Returns the body as submitted
+    (with the tenant it counts against)."""
+    lanes = svc.settings.lane_weights
+    if body.lane is not None and body.lane not in lanes:
+        raise ApiError(422, "invalid_lane", f"lane {body.lane!r} is not configured; the "
+                       f"lanes are: {', '.join(lanes)}")
+    if token.tenant is None:
+        return body
+    if body.tenant is not None and body.tenant != token.tenant:
+        raise ApiError(403, "forbidden", f"token {token.name!r} submits for tenant "
+                       f"{token.tenant!r} only (the body names {body.tenant!r})")
+    return body.model_copy(update={"tenant": token.tenant})
 
 
 async def _check_callback(svc: Services, url: str) -> None:

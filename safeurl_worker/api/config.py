@@ -1,8 +1,9 @@
 """The api process's own settings (environment), and bearer tokens.
 
 Tokens are configured hashed: `API_TOKENS` is a comma-separated list of
-`name:sha256-hex-of-the-token:scope+scope` entries (scopes `submit`, `read`, `operate`), made by
-`safeurl-worker token NAME --scopes submit,read`. The token itself is never stored.
+`name:sha256-hex-of-the-token:scope+scope[:tenant]` entries (scopes `submit`, `read`,
+`operate`), made by `safeurl-worker token NAME --scopes submit,read [--tenant T]`. The token
+itself is never stored. A token bound to a tenant submits scans of that tenant only.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import re
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..config import ConfigError, port_list
+from ..config import TENANT_PATTERN, ConfigError, port_list
 from ..fetcher import netcheck
 
 SCOPES = ("submit", "read", "operate")
-_ENTRY = re.compile(r"^([A-Za-z0-9_.-]{1,64}):([0-9a-f]{64}):([a-z+]+)$")
+_ENTRY = re.compile(r"^([A-Za-z0-9_.-]{1,64}):([0-9a-f]{64}):([a-z+]+)(?::([^:]*))?$")
 
 
 def hash_token(token: str) -> str:
@@ -32,6 +33,7 @@ class ApiToken:
     name: str
     sha256: str
     scopes: frozenset[str]
+    tenant: str | None = None  # its submissions are this tenant's (and only this tenant's)
 
 
 def parse_tokens(spec: str) -> list[ApiToken]:
@@ -43,12 +45,15 @@ def parse_tokens(spec: str) -> list[ApiToken]:
         m = _ENTRY.match(raw)
         if m is None:
             shown = raw.split(":", 1)[0]
-            raise ValueError(f"entry {shown!r}: want name:sha256-hex:scope+scope")
+            raise ValueError(f"entry {shown!r}: want name:sha256-hex:scope+scope[:tenant]")
         scopes = frozenset(m.group(3).split("+"))
         unknown = scopes - set(SCOPES)
         if unknown:
             raise ValueError(f"entry {m.group(1)!r}: unknown scope(s) {sorted(unknown)}")
-        tokens.append(ApiToken(m.group(1), m.group(2), scopes))
+        tenant = m.group(4)
+        if tenant is not None and not re.match(TENANT_PATTERN, tenant):
+            raise ValueError(f"entry {m.group(1)!r}: {tenant!r} is not a tenant name")
+        tokens.append(ApiToken(m.group(1), m.group(2), scopes, tenant))
     names = [t.name for t in tokens]
     if len(set(names)) != len(names):
         raise ValueError("token names must be unique")

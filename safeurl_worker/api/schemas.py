@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from ..config import TENANT_PATTERN
 from ..models import MAX_URL, State, Verdict, storable
 from ..ops import bad_entry_ids
 
@@ -23,6 +25,17 @@ class ScanRequest(_In):
     mode: Mode | None = None
     callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
     metadata: dict[str, Any] | None = None  # echoed in the callback; bounded by the body limit
+    # One of the configured LANES (checked by the route: the list is the worker's settings).
+    lane: str | None = Field(default=None, max_length=32)
+    tenant: str | None = None  # whose quota and fair share the scan counts against
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(TENANT_PATTERN, v):
+            raise ValueError("a tenant is 1-64 letters, digits, '.', '_' or '-', starting "
+                             "with a letter or digit")
+        return v
 
     @field_validator("metadata")
     @classmethod
@@ -34,6 +47,15 @@ class ScanRequest(_In):
 class ScanAccepted(BaseModel):
     id: uuid.UUID
     state: State
+
+
+def _lane_or_default(v: Any) -> Any:
+    return "default" if v is None else v
+
+
+# A job's lane as shown: the rows say NULL for the default lane (and rows of another API service
+# have none); the API always names it.
+EffectiveLane = Annotated[str, BeforeValidator(_lane_or_default)]
 
 
 class ErrorBody(BaseModel):
@@ -50,6 +72,8 @@ class JobOut(BaseModel):
     attempts: int
     faults: int
     mode: str | None = None
+    lane: EffectiveLane = "default"
+    tenant: str | None = None
     error_code: str | None = None
     error_message: str | None = None
     callback_url: str | None = None
@@ -129,6 +153,8 @@ class ScanSummary(BaseModel):
     state: State
     error_code: str | None
     mode: str | None
+    lane: EffectiveLane = "default"
+    tenant: str | None = None
     verdict: Verdict | None
     score: int | None
     created_at: datetime | None
