@@ -261,11 +261,18 @@ class Settings(BaseSettings):
         """Lane -> weight, highest priority first."""
         return parse_lanes(self.lanes)
 
+    @cached_property
+    def tenant_quota_map(self) -> dict[str, Quota]:
+        return parse_quotas(self.tenant_quotas)  # parsed once: read on every submit and read
+
     def quota(self, tenant: str) -> Quota:
-        """The quotas of one tenant: its TENANT_QUOTAS entry, else the defaults."""
-        own = parse_quotas(self.tenant_quotas).get(tenant)
-        return own or Quota(max_queued=self.tenant_max_queued,
-                            max_in_flight=self.tenant_max_in_flight)
+        """The quotas of one tenant: what its TENANT_QUOTAS entry sets, the defaults for the
+        rest."""
+        base = Quota(max_queued=self.tenant_max_queued, max_in_flight=self.tenant_max_in_flight)
+        own = self.tenant_quota_map.get(tenant)
+        if own is None:
+            return base
+        return base.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
 
     @cached_property
     def redis_dsn(self) -> str:

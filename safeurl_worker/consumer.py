@@ -110,9 +110,11 @@ STOPPED = "stopped:"
 # its tenant's pending count reaches its cap. A missing group is created (a new tenant queue;
 # for a lane stream that is a loss, reported). KEYS: the queues, lane by lane, the lane stream
 # first, then the registry's doorbell stream. ARGV: group, consumer, count, nlanes, per lane
-# {weight, current, cursor}, per queue {lane index, cap}. Returns {entries {queue, id, fields},
-# currents, cursors, lost lanes, waits {key index, last id}} - waits only when nothing was
-# read: where to block for new entries (the doorbell rings when a tenant queue is added).
+# {weight, current, cursor}, per queue {lane index, tenant index (0: none), the tenant's cap}.
+# A tenant's in flight is the sum of its queues' pending counts, over every lane. Returns
+# {entries {queue, id, fields}, currents, cursors, lost lanes, waits {key index, last id},
+# capped} - waits only when nothing was read: where to block for new entries (the doorbell
+# rings when a tenant queue is added); capped: some queue with entries was skipped for its cap.
 _READ = """
 local group, consumer, want, nl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local nq = #KEYS - 1  -- KEYS[#KEYS]: the doorbell
@@ -122,25 +124,39 @@ for l = 1, nl do
               cursor = tonumber(ARGV[a + 2]), qs = {}, done = false}
   a = a + 3
 end
-local caps, first = {}, {}
+local caps, tenant, first = {}, {}, {}
 for q = 1, nq do
-  local l = tonumber(ARGV[a]); caps[q] = tonumber(ARGV[a + 1]); a = a + 2
+  local l = tonumber(ARGV[a]); tenant[q] = tonumber(ARGV[a + 1]); caps[q] = tonumber(ARGV[a + 2])
+  a = a + 3
   if #lanes[l].qs == 0 then first[q] = true end
   table.insert(lanes[l].qs, q)
 end
-local done, taken, lost = {}, {}, {}
+local done, used, lost, capped = {}, {}, {}, 0
+
+local function in_flight(t)
+  if used[t] == nil then
+    local n = 0
+    for q = 1, nq do
+      if tenant[q] == t then
+        local p = redis.pcall('XPENDING', KEYS[q], group)
+        if type(p) == 'table' and not p.err then n = n + tonumber(p[1]) end
+      end
+    end
+    used[t] = n
+  end
+  return used[t]
+end
 
 local function xread(q)
   return redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[q], '>')
 end
 
 local function read_one(q)
-  if caps[q] > 0 then
-    if taken[q] == nil then
-      local p = redis.pcall('XPENDING', KEYS[q], group)
-      taken[q] = (type(p) == 'table' and not p.err) and tonumber(p[1]) or 0
-    end
-    if taken[q] >= caps[q] then done[q] = 'cap'; return nil end
+  local t = tenant[q]
+  if caps[q] > 0 and t > 0 and in_flight(t) >= caps[q] then
+    done[q] = 'cap'
+    if redis.call('EXISTS', KEYS[q]) == 1 then capped = 1 end
+    return nil
   end
   local r = xread(q)
   if type(r) == 'table' and r.err then
@@ -156,7 +172,7 @@ local function read_one(q)
     r = xread(q)
   end
   if not r then done[q] = 'empty'; return nil end
-  taken[q] = (taken[q] or 0) + 1
+  if t > 0 and used[t] ~= nil then used[t] = used[t] + 1 end
   return r[1][2][1]
 end
 
@@ -202,7 +218,7 @@ if #out == 0 then
     end
   end
 end
-return {out, curs, cursors, lost, waits}
+return {out, curs, cursors, lost, waits, capped}
 """
 
 # A tenant queue that holds nothing (no pending, nothing undelivered) is removed with its
@@ -235,6 +251,14 @@ return id
 """
 DEFAULT_LANE = "default"
 _REFRESH_S = 1.0  # how stale this replica's list of tenant queues may be
+
+
+def hash_tag(stream: str) -> str:
+    """The Redis Cluster hash tag of every key derived from `stream`: the tag the name carries
+    (`{scan-jobs}`, whose lanes `{scan-jobs}:bulk` share it), else the whole name in braces."""
+    start = stream.find("{")
+    end = stream.find("}", start + 1)
+    return stream[start:end + 1] if start >= 0 and end > start + 1 else f"{{{stream}}}"
 
 
 def lane_stream(base: str, lane: str) -> str:
@@ -314,18 +338,20 @@ class Consumer:
         self.stream = stream
         self.lanes = lanes or {DEFAULT_LANE: 1}  # lane -> weight, highest priority first
         self.max_in_flight = max_in_flight or (lambda tenant: 0)  # a tenant's cap; 0: none
-        self.registry = f"safeurl:queues:{{{stream}}}"  # "<lane> <tenant>" of tenant queues
+        tag = hash_tag(stream)
+        self.registry = f"safeurl:queues:{tag}"  # "<lane> <tenant>" of tenant queues
         self.doorbell = f"{self.registry}:new"  # an entry per queue added: blocked reads wake
         self.group = group
         self.consumer = consumer
         self.dead_letter_stream = dead_letter_stream
         self.dead_letter_maxlen = dead_letter_maxlen
-        self.heartbeat_prefix = f"safeurl:hb:{{{stream}}}:{group}:"
+        self.heartbeat_prefix = f"safeurl:hb:{hash_tag(stream)}:{group}:"
         self.data_lost = asyncio.Event()  # set when the stream or group had to be recreated
         self._last_error = time.monotonic()  # a new client has not yet proven Redis steady
         self._cursors: dict[str, str] = {}  # reclaim's place in each queue's PEL
         self._tenant_queues: list[Queue] = []
         self._refreshed = -_REFRESH_S
+        self._bell_seen = "0-0"  # the doorbell's last entry when the registry was last read
         self._wrr: dict[str, tuple[int, int]] = {}  # lane -> (current weight, queue cursor)
         self._ack_ids: list[str] = []
         self._ack_waiters: list[asyncio.Future[None]] = []
@@ -386,7 +412,11 @@ class Consumer:
         tenant queues come from the registry, re-read at most every second (or when `fresh`)."""
         if fresh or time.monotonic() - self._refreshed >= _REFRESH_S:
             async with self._talk():
-                members = await self.redis.smembers(self.registry)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xrevrange(self.doorbell, count=1)  # before the set: a ring after it
+                pipe.smembers(self.registry)  # is a queue this read may not list yet
+                bell, members = await pipe.execute()
+            self._bell_seen = _s(bell[0][0]) if bell else "0-0"
             found = []
             for m in sorted(_s(x) for x in members):
                 lane, _, tenant = m.partition(" ")
@@ -457,28 +487,32 @@ class Consumer:
     async def read(self, count: int, block_ms: int) -> list[Message]:
         """New entries for this consumer (id `>`), at most `count`, in the lanes' weighted
         order (see the module docstring). With none ready, waits up to `block_ms` for one."""
-        got, waits = await self._read_once(count, await self.queues())
+        got, waits, capped = await self._read_once(count, await self.queues())
         if got or block_ms <= 0:
             return got
-        if waits:  # block on every queue past its last entry: woken by the next XADD
-            async with self._talk():
-                await self.redis.xread(waits, count=1, block=block_ms)  # type: ignore[arg-type]
-        else:  # every queue with entries is at its tenant's cap: look again shortly
-            await asyncio.sleep(min(block_ms, 250) / 1000)
-        got, _ = await self._read_once(count, await self.queues(fresh=True))
+        # Block on every queue past its last entry, and on the doorbell past what the last
+        # registry read saw: woken by the next XADD, or a new tenant queue. An ack that frees
+        # a capped tenant wakes nobody: then look again shortly.
+        waits[self.doorbell] = self._bell_seen
+        async with self._talk():
+            await self.redis.xread(waits, count=1,  # type: ignore[arg-type]
+                                   block=min(block_ms, 250) if capped else block_ms)
+        got, _, _ = await self._read_once(count, await self.queues(fresh=True))
         return got
 
     async def _read_once(self, count: int, queues: list[Queue]
-                         ) -> tuple[list[Message], dict[str, str]]:
+                         ) -> tuple[list[Message], dict[str, str], bool]:
         lanes = list(self.lanes)
         args: list[Any] = [self.group, self.consumer, count, len(lanes)]
         for lane in lanes:
             args += [self.lanes[lane], *self._wrr.get(lane, (0, 0))]
+        tenants = {t: i for i, t in enumerate(sorted({q.tenant for q in queues if q.tenant}), 1)}
         for q in queues:
-            args += [lanes.index(q.lane) + 1, self.max_in_flight(q.tenant) if q.tenant else 0]
+            args += [lanes.index(q.lane) + 1, tenants.get(q.tenant or "", 0),
+                     self.max_in_flight(q.tenant) if q.tenant else 0]
         keys = [q.stream for q in queues] + [self.doorbell]
         async with self._talk():
-            out, currents, cursors, lost, waits = await self._read(keys=keys, args=args)
+            out, currents, cursors, lost, waits, capped = await self._read(keys=keys, args=args)
         # Bounded: a lane left out for long must not build up an unbounded credit.
         self._wrr = {lane: (max(-10**6, min(10**6, int(c))), int(k))
                      for lane, c, k in zip(lanes, currents, cursors, strict=True)}
@@ -487,7 +521,7 @@ class Consumer:
             self.data_lost.set()
         got = [Message(_s(mid), _decode(f), self, queue=queues[int(qi) - 1])
                for qi, mid, f in out]
-        return got, {keys[int(qi) - 1]: _s(last) for qi, last in waits}
+        return got, {keys[int(qi) - 1]: _s(last) for qi, last in waits}, bool(capped)
 
     async def adopt(self, min_idle_ms: int, running: set[str], count: int) -> list[Message]:
         """Entries this consumer name holds but is not running: our previous life's work after
@@ -517,8 +551,11 @@ class Consumer:
             got: Any = await self.redis.xclaim(q.stream, self.group, self.consumer,
                                                min_idle_ms, _any(ids))
         by_id = {_s(mid): f for mid, f in got if f is not None}
-        gone = [m for m in ids if m not in by_id]
-        if gone:  # deleted from the stream while pending: nothing left to do
+        # Deleted from the stream while pending (Redis 6 answers them with no fields; 7 drops
+        # them from the PEL itself): nothing left to do. An id missing from the answer was
+        # claimed by another replica meanwhile: not ours to ack.
+        gone = [_s(mid) for mid, f in got if f is None and mid is not None]
+        if gone:
             await self.ack(gone, q.stream)
         counts = {_s(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
         return [Message(m, _decode(f), self, reclaimed=True, deliveries=counts.get(m, 1),
@@ -552,14 +589,23 @@ class Consumer:
         by_stream = _by_stream(keys, self.stream)
         if not by_stream:
             return {}
+        lanes = {lane_stream(self.stream, lane) for lane in self.lanes}
+        out: dict[str, str] = {}
         async with self._talk():
             pipe = self.redis.pipeline(transaction=False)
             for stream, ids in by_stream.items():
                 await self._renew(keys=[stream], args=[self.group, self.consumer, *ids],
                                   client=pipe)
-            replies = await pipe.execute()
-        return {_key(stream, _s(m), self.stream): _s(why)
-                for stream, lost in zip(by_stream, replies, strict=True) for m, why in lost}
+            replies = await pipe.execute(raise_on_error=False)
+            for (stream, ids), reply in zip(by_stream.items(), replies, strict=True):
+                if isinstance(reply, Exception):
+                    if str(reply).startswith("NOGROUP") and stream not in lanes:
+                        # A tenant queue lost with its entries: as for an entry Redis lost.
+                        out |= {_key(stream, m, self.stream): "gone" for m in ids}
+                        continue
+                    raise reply  # a lane's group: _talk recreates it and reports the loss
+                out |= {_key(stream, _s(m), self.stream): _s(why) for m, why in reply}
+        return out
 
     # --- settling ---------------------------------------------------------------------------
 
@@ -616,7 +662,7 @@ class Consumer:
                    "deliveries", str(message.deliveries), "consumer", self.consumer]
         if message.stream != self.stream:
             fields += ["queue", message.stream]
-        marker = f"safeurl:dl:{{{self.stream}}}:{self.group}:{message.key}"
+        marker = f"safeurl:dl:{hash_tag(self.stream)}:{self.group}:{message.key}"
         async with self._talk():
             await self._dead_letter(keys=[message.stream, self.dead_letter_stream, marker],
                                     args=[self.group, message.message_id,
@@ -771,12 +817,13 @@ class Consumer:
         for q in await self.queues(fresh=True):
             if q.tenant:
                 async with self._talk():
-                    await self._drop_idle(keys=[q.stream, self.registry],
-                                          args=[f"{q.lane} {q.tenant}"])
-                continue
+                    if await self._drop_idle(keys=[q.stream, self.registry],
+                                             args=[f"{q.lane} {q.tenant}"]):
+                        continue
             async with self._talk():
-                if not await self.redis.exists(q.stream):
-                    continue
+                if not await self.redis.exists(q.stream) or \
+                        not await self._last_delivered(q.stream):
+                    continue  # gone, or a new tenant queue nobody has read yet
                 for c in await self.redis.xinfo_consumers(q.stream, self.group):
                     name = _s(c["name"])
                     beat = await self.redis.get(self.heartbeat_key(name))

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from .config import Settings
 from .consumer import STOPPED, Consumer, Message
@@ -36,7 +36,6 @@ from .metrics import Metrics
 from .politeness import DomainGate
 
 log = logging.getLogger("safeurl.intake")
-T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -238,25 +237,31 @@ class Intake:
             self._inflight.pop(f.message.key, None)
             self.metrics.in_flight.set(len(self._inflight))
 
-    async def outside_slot(self, f: InFlight, aw: Awaitable[T]) -> T:
-        """Await `aw` (a job deferred for its domain) without holding a slot: the slot goes to
-        the next message meanwhile and is taken back before returning. At MAX_DEFERRED jobs
-        waiting, the next one waits in its slot instead, which slows reading down."""
-        if self._deferred >= self.settings.max_deferred or not f.holds_slot:
-            return await aw
-        self._slots.release()
-        f.holds_slot, f.deferred = False, True
+    def can_defer(self) -> bool:
+        """Room for one more job waiting outside the slots (MAX_DEFERRED bounds the memory)."""
+        return self._deferred < self.settings.max_deferred
+
+    async def outside_slot(self, f: InFlight, wait: Callable[[], Awaitable[bool]]) -> bool:
+        """Run `wait` (a job deferred for its domain) without holding a slot: the slot goes to
+        the next message meanwhile. True: the job's turn came, and it holds a slot again.
+        False (stopping): it holds none, and must end without running."""
+        if f.holds_slot:
+            self._slots.release()
+            f.holds_slot = False
+        f.deferred = True
         self._deferred += 1
         self.metrics.deferred.set(self._deferred)
         try:
-            result = await aw
+            turn = await wait()
         finally:
             f.deferred = False
             self._deferred -= 1
             self.metrics.deferred.set(self._deferred)
+        if not turn or self.stopping.is_set():
+            return False
         await self._slots.acquire()
         f.holds_slot = True
-        return result
+        return True
 
     def _room(self) -> int:
         """How many more messages adoption and takeover may start: jobs waiting for their

@@ -77,14 +77,17 @@ class OwnedJob:
 
     async def complete(self, report: Report, result: Analysis,
                        cached_from: uuid.UUID | None, url_key: str | None,
-                       artifacts: Sequence[Artifact] = ()) -> None:
+                       artifacts: Sequence[Artifact] = (),
+                       analyzing: dict[str, Any] | None = None) -> None:
         """ANALYZING -> COMPLETED with the result row (and a render scan's artifacts), in one
-        statement."""
+        statement; with `analyzing` (its audit detail) from FETCHING through ANALYZING."""
         op = _op_token()
         o = self.owner
+        # The op token goes in the next version's audit row, whichever that is (`_landed`).
+        first = None if analyzing is None else {**analyzing, "op": op}
         version = await self._write(lambda: o.store.complete(
             self.job, worker_id=o.worker_id, report=report, analysis=result, url_key=url_key,
-            cached_from=cached_from, detail={"op": op}, artifacts=artifacts))
+            cached_from=cached_from, detail={"op": op}, artifacts=artifacts, analyzing=first))
         if version is None:
             await self._landed(op)
 

@@ -9,8 +9,9 @@ fetcher and then the browser image, and judges the rendered report with the stat
 it (the render rules compare them). With RENDER_ON=suspicious a static scan whose verdict is
 not clean is scanned again rendered; if that render fails, the static result stands.
 
-The pipeline writes the non-terminal transitions (claim, takeover, retry, ANALYZING) through
-`OwnedJob`; the terminal write and the ack belong to `Worker.settle`, which receives the outcome.
+The pipeline writes the non-terminal transitions (claim, takeover, retry) through `OwnedJob`;
+the terminal write and the ack belong to `Worker.settle`, which receives the outcome. A scan
+analysed here reaches ANALYZING in the completing write itself (`Completed.analyzing`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class Completed:
     result: Analysis
     cached_from: uuid.UUID | None = None
     artifacts: tuple[artifacts.Artifact, ...] = ()  # stored with the result (scan_artifacts)
+    # The job is still FETCHING: the completing write goes through ANALYZING with this audit
+    # detail (one statement, store._COMPLETE). None: the job is ANALYZING already.
+    analyzing: dict[str, object] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,9 +301,8 @@ class Pipeline:
             return Failed(owned, State.FAILED, "BLOCKED_TARGET", report.error.message)
         if static is not None:
             detail["static_verdict"] = self._static_verdict(owned.job.url, static)
-        await owned.move(State.ANALYZING, detail=detail)
         stored, kept = artifacts.split(report, self.settings.browser_output_max_bytes)
-        return Completed(owned, stored, verdict, artifacts=tuple(kept))
+        return Completed(owned, stored, verdict, artifacts=tuple(kept), analyzing=detail)
 
     def _analyze(self, url: str, report: Report, static: Report | None) -> Analysis:
         t0 = time.monotonic()
@@ -338,9 +341,9 @@ class Pipeline:
                               confidence=_stored_confidence(hit.get("confidence")))
         except ValidationError:
             return None  # an old or foreign row: scan afresh
-        await owned.move(State.ANALYZING, detail={"cached_from": str(hit["job_id"])})
         self.metrics.cache_hits.inc()
-        return Completed(owned, report, cached, cached_from=hit["job_id"])
+        return Completed(owned, report, cached, cached_from=hit["job_id"],
+                         analyzing={"cached_from": str(hit["job_id"])})
 
     async def _container(self, owned: OwnedJob, mode: Mode = "static") -> RunResult:
         """Run the fetcher (or the browser). While Docker is unreachable or hung, wait for it

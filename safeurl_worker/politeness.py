@@ -27,7 +27,7 @@ released by this process. No global state: everything lives on the `DomainGate` 
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
 import dataclasses
 from typing import Any
 
@@ -127,13 +127,22 @@ def target_domain(url: str) -> str | None:
 
 @dataclasses.dataclass(eq=False)
 class _Waiters:
-    """The waiters for one domain in this process, in arrival order. Only the first (its future
-    is done) talks to Redis; when it is served or gives up, the next one takes its turn."""
+    """The waiters for one domain in this process, by (rank, arrival): an interactive scan is
+    not queued behind a bulk import of the same site. Only the one holding the turn (its future
+    is done) talks to Redis; when it is served or gives up, the first in order takes it."""
 
-    queue: collections.deque[asyncio.Future[None]] = dataclasses.field(
-        default_factory=collections.deque)
+    queue: list[tuple[int, int, asyncio.Future[None]]] = dataclasses.field(default_factory=list)
+    turn: asyncio.Future[None] | None = None  # the waiter asking Redis now
+    arrivals: int = 0
     # Set by `release` in this process: the first waiter retries at once instead of sleeping.
     released: asyncio.Future[None] | None = None
+
+    def pass_turn(self) -> None:
+        """Give the turn to the first waiter in order, if nobody holds it."""
+        if self.turn is None and self.queue:
+            self.turn = self.queue[0][2]
+            if not self.turn.done():
+                self.turn.set_result(None)
 
 
 class DomainGate:
@@ -188,10 +197,12 @@ class DomainGate:
             args=[holder, self.limit, self.interval_ms, self.hold_ms])
         return int(wait_ms) / 1000
 
-    async def acquire(self, domain: str, holder: str, stopping: asyncio.Event) -> bool:
+    async def acquire(self, domain: str, holder: str, stopping: asyncio.Event,
+                      rank: int = 0) -> bool:
         """Wait until granted (True) or stopping is set (False). Sleeps by the hint from
         try_acquire (capped at max_sleep_s) and wakes early when a holder of that domain is
-        released in this process. Never busy-loops."""
+        released in this process. Never busy-loops. Among this process's waiters for the
+        domain, a lower `rank` (a higher lane) goes first, then arrival order."""
         if stopping.is_set():
             return False
         if self.open:
@@ -199,9 +210,9 @@ class DomainGate:
         loop = asyncio.get_running_loop()
         waiters = self._waiting.setdefault(domain, _Waiters())
         turn: asyncio.Future[Any] = loop.create_future()
-        waiters.queue.append(turn)
-        if len(waiters.queue) == 1:
-            turn.set_result(None)
+        waiters.arrivals += 1
+        bisect.insort(waiters.queue, (rank, waiters.arrivals, turn), key=lambda w: w[:2])
+        waiters.pass_turn()
         stop: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
         try:
             await asyncio.wait({turn, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -223,13 +234,14 @@ class DomainGate:
     def _leave(self, domain: str, waiters: _Waiters, turn: asyncio.Future[None]) -> None:
         """Leave the queue (served, stopping or cancelled); pass the turn on if it was ours,
         so the next waiter asks at once (the place may be free, or another one)."""
-        had_turn = waiters.queue[0] is turn
-        waiters.queue.remove(turn)
+        waiters.queue = [w for w in waiters.queue if w[2] is not turn]
+        if waiters.turn is turn:
+            waiters.turn = None
         if not waiters.queue:
             if self._waiting.get(domain) is waiters:
                 del self._waiting[domain]
-        elif had_turn and not waiters.queue[0].done():
-            waiters.queue[0].set_result(None)
+        else:
+            waiters.pass_turn()
 
     async def renew(self, holds: list[tuple[str, str]]) -> None:
         """Extend the expiry of (domain, holder) pairs still held; one round trip. A hold that

@@ -97,12 +97,17 @@ WITH cur AS (
 SELECT cur.*, u.version AS claimed_version FROM cur LEFT JOIN u ON u.id = cur.id
 """
 
+# ANALYZING -> COMPLETED; or, with the ANALYZING detail ($24), FETCHING -> ANALYZING ->
+# COMPLETED in one statement: two audit rows and one commit for an analysis that ran in-process
+# (the ANALYZING state stays in the audit trail, it just never waits for a second round trip).
 _COMPLETE = f"""
 WITH u AS (
     UPDATE scan_jobs SET
-        state = 'COMPLETED', version = version + 1, updated_at = now(), finished_at = now(),
+        state = 'COMPLETED', version = version + CASE WHEN $24::jsonb IS NULL THEN 1 ELSE 2 END,
+        updated_at = now(), finished_at = now(),
         worker_id = $3, error_code = NULL, error_message = NULL
-    WHERE id = $1 AND version = $2 AND state = 'ANALYZING'
+    WHERE id = $1 AND version = $2
+        AND state = CASE WHEN $24::jsonb IS NULL THEN 'ANALYZING' ELSE 'FETCHING' END
     RETURNING id, version, state, error_code, callback_url
 ), r AS (
     INSERT INTO scan_results (job_id, verdict, score, http_status, final_url, redirects,
@@ -113,6 +118,9 @@ WITH u AS (
     FROM u
 ), a AS (
     INSERT INTO scan_audit_log (job_id, from_state, to_state, version, worker_id, detail)
+    SELECT id, 'FETCHING', 'ANALYZING', version - 1, $3, $24::jsonb FROM u
+    WHERE $24::jsonb IS NOT NULL
+    UNION ALL
     SELECT id, 'ANALYZING', 'COMPLETED', version, $3, $17::jsonb FROM u
 ), art AS (
     INSERT INTO scan_artifacts (job_id, kind, content_type, size, sha256, data)
@@ -240,10 +248,13 @@ class Store:
     async def complete(self, job: Job, *, worker_id: str, report: Report, analysis: Analysis,
                        url_key: str | None, cached_from: uuid.UUID | None = None,
                        detail: Mapping[str, Any] | None = None,
-                       artifacts: Sequence[Artifact] = ()) -> int | None:
+                       artifacts: Sequence[Artifact] = (),
+                       analyzing: Mapping[str, Any] | None = None) -> int | None:
         """ANALYZING -> COMPLETED with its result row, audit row and artifacts (a render scan's
         screenshot, DOM, request log: artifacts.split), in one statement, so an artifact never
-        exists without its result. Returns the new version, or None on conflict."""
+        exists without its result. With `analyzing` (the ANALYZING audit detail), the job is
+        FETCHING and both transitions are written (see `_COMPLETE`). Returns the new version,
+        or None on conflict."""
         version: int | None = await self.pool.fetchval(
             self._complete_sql, job.id, job.version, worker_id,
             analysis.verdict.value, analysis.score, report.http_status, report.final_url,
@@ -254,6 +265,7 @@ class Store:
             analysis.confidence, self.default_callback_url,
             [a.kind for a in artifacts], [a.content_type for a in artifacts],
             [a.sha256 for a in artifacts], [a.data for a in artifacts],
+            None if analyzing is None else dict(analyzing),
         )
         return version
 

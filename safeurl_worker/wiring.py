@@ -19,7 +19,7 @@ import aiodocker
 from . import brands, urls
 from .blocklist import Blocklist
 from .config import Settings
-from .consumer import Consumer, connect
+from .consumer import Consumer, connect, hash_tag
 from .errors import backoff, is_transient, pause
 from .janitor import Janitor
 from .metrics import HealthServer, Metrics
@@ -62,7 +62,7 @@ def gate_for(settings: Settings, consumer: Consumer) -> DomainGate:
     """PER_DOMAIN_CONCURRENCY across the fleet. A hold is renewed with the job's lease; one
     that is not (its replica died) lasts a container timeout more: the dead replica's
     container may still be fetching from the domain until its own deadline."""
-    return DomainGate(consumer.redis, f"safeurl:dom:{{{settings.scan_stream}}}:",
+    return DomainGate(consumer.redis, f"safeurl:dom:{hash_tag(settings.scan_stream)}:",
                       settings.per_domain_concurrency, settings.per_domain_interval_ms,
                       settings.lease_timeout_ms + settings.container_timeout_ms)
 

@@ -128,8 +128,9 @@ class Worker:
             self._running.add(job_id)
         try:
             if parsed is not None and not await self._polite(f, parsed):
-                return  # stopping while deferred: the job was never claimed, the drain hands
-                # its message back
+                # Stopping while deferred, or set aside: the job was never claimed, and its
+                # message stays pending here (handed back by the drain, or adopted again).
+                return
             self._waited(m)
             outcome = await self._outcome(f, parsed, job_id)
             await self.settle(m, outcome)
@@ -157,7 +158,10 @@ class Worker:
     async def _polite(self, f: InFlight, parsed: StreamMessage) -> bool:
         """Take a turn of the job's target domain (PER_DOMAIN_CONCURRENCY across the fleet)
         before the job is claimed. Must it wait, it waits outside its slot, keeping its message
-        (renewed, not a delivery failure). False: stopping while it waited."""
+        (renewed, not a delivery failure), ahead of lower lanes waiting here for the same
+        domain. False: stopping while it waited; or MAX_DEFERRED jobs wait already, and this
+        one is set aside (its message stays pending, unrenewed: adopted again after
+        LEASE_RENEW_MS, no fault) so the replica keeps reading other work."""
         gate = self.gate
         if gate is None or gate.open:
             return True
@@ -165,15 +169,25 @@ class Worker:
         if not domain:
             return True  # an unknown job or a URL without a host: the pipeline says why
         holder = f"{parsed.job_id}@{self.token}"
-        if await retrying("redis", lambda: gate.try_acquire(domain, holder), self.stopping,
-                          self.intake.on_error):
-            self.metrics.deferrals.labels("domain").inc()
-            waiting = retrying("redis", lambda: gate.acquire(domain, holder, self.stopping),
-                               self.stopping, self.intake.on_error)
-            if not await self.intake.outside_slot(f, waiting):
-                return False
+        # Renewed and released from the moment Redis may grant it (a release of a place not
+        # held is a no-op), so a place granted while the job waits for a slot is never lost.
         f.hold = (domain, holder)
-        return True
+        if not await retrying("redis", lambda: gate.try_acquire(domain, holder), self.stopping,
+                              self.intake.on_error):
+            return True
+        if not self.intake.can_defer():
+            self.metrics.deferrals.labels("set_aside").inc()
+            return False
+        self.metrics.deferrals.labels("domain").inc()
+        rank = self._lane_rank(f.message)
+        return await self.intake.outside_slot(f, lambda: retrying(
+            "redis", lambda: gate.acquire(domain, holder, self.stopping, rank), self.stopping,
+            self.intake.on_error))
+
+    def _lane_rank(self, m: Message) -> int:
+        lanes = list(self.settings.lane_weights)
+        lane = m.queue.lane if m.queue else "default"
+        return lanes.index(lane) if lane in lanes else len(lanes)
 
     async def _domain_of(self, job_id: uuid.UUID) -> str | None:
         """The target domain from the row, for messages that do not carry it (a plain XADD)."""
@@ -222,7 +236,8 @@ class Worker:
         try:
             if isinstance(outcome, Completed):
                 await outcome.job.complete(outcome.report, outcome.result, outcome.cached_from,
-                                           url_key(outcome.job.job.url), outcome.artifacts)
+                                           url_key(outcome.job.job.url), outcome.artifacts,
+                                           outcome.analyzing)
             elif isinstance(outcome, Failed):
                 await outcome.job.fail(outcome.state, outcome.code, outcome.message)
             elif isinstance(outcome, DeadLettered) and outcome.job is not None:

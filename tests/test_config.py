@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from safeurl_worker.config import ConfigError, load_settings
@@ -91,3 +93,24 @@ def test_fetcher_env_carries_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None
 def test_fetch_deadline_is_inside_the_container_timeout() -> None:
     s = load_settings(container_timeout_ms=30000)
     assert 0 < s.fetch_timeout_s < 30
+
+
+def test_lanes_are_validated_with_a_clear_message() -> None:
+    assert load_settings().lane_weights == {"interactive": 6, "default": 3, "bulk": 1}
+    for bad, says in [("bulk:1", "must include `default`"), ("default:0", "whole number 1-1000"),
+                      ("default:1,default:2", "listed twice"), ("dead:1,default:1", "names are"),
+                      ("Big:1,default:1", "names are")]:
+        with pytest.raises(ConfigError, match=f"LANES: .*{re.escape(says)}"):
+            load_settings(lanes=bad)
+
+
+def test_a_tenants_quota_entry_overrides_only_what_it_sets() -> None:
+    s = load_settings(tenant_max_queued=100, tenant_max_in_flight=4,
+                      tenant_quotas='{"acme": {"max_in_flight": 9}, "big": {"max_queued": 0}}')
+    assert (s.quota("acme").max_queued, s.quota("acme").max_in_flight) == (100, 9)
+    assert (s.quota("big").max_queued, s.quota("big").max_in_flight) == (0, 4)
+    assert (s.quota("other").max_queued, s.quota("other").max_in_flight) == (100, 4)
+    for bad in ['{"acme": 3}', '[1]', '{"bad name": {}}', '{"a": {"max_queued": -1}}',
+                '{"a": {"max_queud": 1}}', "not json"]:
+        with pytest.raises(ConfigError, match="TENANT_QUOTAS"):
+            load_settings(tenant_quotas=bad)

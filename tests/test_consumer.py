@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
-from safeurl_worker.consumer import Consumer, Message, lane_stream
+from safeurl_worker.consumer import Consumer, Message, Queue, hash_tag, lane_stream
 
 from .conftest import REDIS_URL
 
@@ -354,3 +354,50 @@ async def test_enqueue_refuses_an_unknown_lane(laned: tuple[Consumer, Consumer])
     a, _ = laned
     with pytest.raises(ValueError, match="unknown lane 'urgent'"):
         await a.enqueue(uuid.uuid4(), lane="urgent")
+
+
+async def test_a_tenants_in_flight_quota_counts_all_its_lanes(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, b = laned
+    await fill(a, 3, "interactive", "capped")
+    await fill(a, 3, "bulk", "capped")
+    got = await a.read(10, 10) + await b.read(10, 10)
+    assert len(got) == 2, [(m.queue.lane, m.queue.tenant) for m in got if m.queue]
+
+
+async def test_a_read_with_only_capped_work_looks_again_soon(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, b = laned
+    await fill(a, 3, "default", "capped")
+    held = await a.read(10, 10)
+    assert len(held) == 2
+    reader = asyncio.create_task(b.read(10, 5000))
+    await asyncio.sleep(0.1)
+    await held[0].ack()  # frees the quota; no XADD wakes the blocked read
+    t0 = time.monotonic()
+    got = await asyncio.wait_for(reader, 5)
+    assert [m.queue.tenant for m in got if m.queue] == ["capped"]
+    assert time.monotonic() - t0 < 1.0
+
+
+async def test_renew_reports_a_lost_tenant_queue_and_keeps_the_others(
+        laned: tuple[Consumer, Consumer]) -> None:
+    a, _ = laned
+    await a.enqueue(uuid.uuid4(), lane="bulk", tenant="t1")
+    await a.enqueue(uuid.uuid4())
+    got = await a.read(10, 10)
+    assert len(got) == 2
+    lost = next(m for m in got if m.queue and m.queue.tenant)
+    await a.redis.delete(lost.stream)  # Redis lost it (a failover, an operator's DEL)
+    assert await a.renew([m.key for m in got]) == {lost.key: "gone"}
+    assert not a.data_lost.is_set()
+
+
+def test_every_key_of_a_tagged_stream_is_in_one_cluster_slot() -> None:
+    from redis.crc import key_slot
+
+    c = Consumer(redis.Redis(), "{scan-jobs}", "g", "a", "{scan-jobs}:dead", lanes=LANES)
+    keys = [c.registry, c.doorbell, c.heartbeat_key("a"), c.dead_letter_stream,
+            *(Queue.of(c.stream, lane, t).stream for lane in LANES for t in (None, "acme"))]
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(b"scan-jobs")}
+    assert hash_tag("scan-jobs") == "{scan-jobs}" and hash_tag("a{b}c") == "{b}"

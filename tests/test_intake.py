@@ -668,7 +668,7 @@ async def test_a_deferred_job_gives_its_slot_away_and_keeps_its_message(
 
     async def handler(f: InFlight) -> None:
         if f.message.message_id == "polite":
-            await h.intake.outside_slot(f, turn.wait())
+            assert await h.intake.outside_slot(f, turn.wait)
             assert f.holds_slot  # it runs in a slot again
         ran.append(f.message.message_id)
 
@@ -698,12 +698,16 @@ async def test_a_job_deferred_when_stopping_leaves_promptly(make: Callable[..., 
     h = make(worker_concurrency=1)
     h.consumer.push("polite")
 
+    turns: list[bool] = []
+
     async def handler(f: InFlight) -> None:
-        await h.intake.outside_slot(f, h.stopping.wait())  # the gate gives up on stop
+        turns.append(await h.intake.outside_slot(f, h.stopping.wait))  # the gate gives up
 
     h.intake.handler = handler
     h.start()
     await wait_until(lambda: h.intake._deferred == 1, "the job is deferred")
     h.stop()
     assert await h.returned(within=2.5) < 1.0
+    assert turns == [False]  # told to end without running, holding no slot
+    assert h.intake._slots._value == 1
     assert h.log.of("hand_back")  # its message goes back for another replica

@@ -193,15 +193,22 @@ class FakeStore:
     async def complete(self, job: Job, *, worker_id: str, report: Report, analysis: Analysis,
                        url_key: str | None, cached_from: uuid.UUID | None = None,
                        detail: Mapping[str, Any] | None = None,
-                       artifacts: Sequence[Artifact] = ()) -> int | None:
+                       artifacts: Sequence[Artifact] = (),
+                       analyzing: Mapping[str, Any] | None = None) -> int | None:
         self._before("complete")
         if self.reject_complete:  # PostgreSQL refuses the values: nothing commits
             raise asyncpg.exceptions.CharacterNotInRepertoireError(
                 "invalid byte sequence for encoding \"UTF8\": 0x00")
         cur = self.jobs.get(job.id)
-        if cur is None or cur.version != job.version or cur.state is not State.ANALYZING:
+        want = State.ANALYZING if analyzing is None else State.FETCHING
+        if cur is None or cur.version != job.version or cur.state is not want:
             self._after("complete")
             return None
+        if analyzing is not None:  # FETCHING -> ANALYZING in the same statement
+            mid = cur.model_copy(update={"state": State.ANALYZING, "version": cur.version + 1,
+                                         "worker_id": worker_id})
+            self._commit(cur, mid, dict(analyzing))
+            cur = mid
         new = cur.model_copy(update={"state": State.COMPLETED, "version": cur.version + 1,
                                      "worker_id": worker_id, "error_code": None})
         self.error_messages[job.id] = None
@@ -806,16 +813,30 @@ async def test_lost_reply_of_the_claim_resumes_our_own_claim() -> None:
     assert h.store.details(job.id)[1]["resumed"] is True
 
 
-@pytest.mark.parametrize("method", ["transition", "complete"])
-async def test_lost_reply_of_a_write_is_recognised_not_a_conflict(method: str) -> None:
+async def test_lost_reply_of_the_completing_write_is_recognised_not_a_conflict() -> None:
     h = build()
     job = h.store.add()
-    h.store.fail_next(1, lambda: ConnectionResetError(104, "reset"), methods={method},
+    h.store.fail_next(1, lambda: ConnectionResetError(104, "reset"), methods={"complete"},
                       lost_reply=True)
     m = await h.deliver(job.id)
     assert [type(o) for o in h.worker.settled] == [Completed]
     assert h.events == [*HAPPY, ("ack", m.message_id)]
-    assert h.store.calls.count(method) == 2  # the retry matched no row: our own write
+    # The retry matched no row: our own write (its token is in the ANALYZING audit row, the
+    # first of the two the statement wrote).
+    assert h.store.calls.count("complete") == 2
+    assert h.count("safeurl_state_conflicts_total") == 0
+
+
+async def test_lost_reply_of_a_transition_is_recognised_not_a_conflict() -> None:
+    h = build(RunResult(RunStatus.TIMEOUT, detail="killed after 30000 ms"))
+    job = h.store.add()
+    h.store.fail_next(1, lambda: ConnectionResetError(104, "reset"), methods={"transition"},
+                      lost_reply=True)
+    m = await h.deliver(job.id)
+    assert [type(o) for o in h.worker.settled] == [Failed]
+    assert h.events == [write(State.QUEUED, State.FETCHING),
+                        write(State.FETCHING, State.TIMED_OUT), ("ack", m.message_id)]
+    assert h.store.calls.count("transition") == 2
     assert h.count("safeurl_state_conflicts_total") == 0
 
 
@@ -826,7 +847,7 @@ async def _completed_outcome(h: Harness, job: Job) -> tuple[Message, Completed]:
     m = h.message(job.id)
     outcome = await h.worker.pipeline.process(parse_message(m.fields), False)
     assert isinstance(outcome, Completed)
-    assert h.events == HAPPY[:2]
+    assert h.events == HAPPY[:1]  # ANALYZING comes with the completing write
     return m, outcome
 
 
@@ -838,7 +859,7 @@ async def test_conflict_on_the_terminal_write_with_the_job_finished_elsewhere_ac
                                     owner_token=OTHER_TOKEN)
     await h.worker.settle(m, outcome)
     assert h.worker.settled == [Duplicate()]
-    assert h.events == [*HAPPY[:2], external(State.ANALYZING, State.COMPLETED),
+    assert h.events == [*HAPPY[:1], external(State.FETCHING, State.COMPLETED),
                         ("ack", m.message_id)]
     assert h.store.jobs[job.id] == theirs
     assert job.id not in h.store.results  # ours was never written
@@ -853,7 +874,7 @@ async def test_conflict_on_the_terminal_write_with_the_job_still_running_elsewhe
                                     owner_token=OTHER_TOKEN, attempts=2, faults=1)
     await h.worker.settle(m, outcome)
     assert [type(o) for o in h.worker.settled] == [SetAside]
-    assert h.events[-1] == external(State.ANALYZING, State.FETCHING)  # no ack, no dead-letter
+    assert h.events[-1] == external(State.FETCHING, State.FETCHING)  # no ack, no dead-letter
     assert h.store.jobs[job.id] == theirs
     assert job.id not in h.store.results
 
@@ -870,7 +891,9 @@ async def test_job_taken_over_while_our_container_ran_is_set_aside() -> None:
 
     h.runner.script = [taken_over_meanwhile]
     await h.deliver(job.id)
-    assert [type(o) for o in h.worker.given] == [SetAside]
+    # The completing write loses (a conflict at settling): the message is set aside.
+    assert [type(o) for o in h.worker.given] == [Completed]
+    assert [type(o) for o in h.worker.settled] == [SetAside]
     assert h.events == [write(State.QUEUED, State.FETCHING),
                         external(State.FETCHING, State.FETCHING)]
     assert h.store.jobs[job.id].owner_token == OTHER_TOKEN
@@ -886,7 +909,7 @@ async def test_rejected_result_fails_the_job_once_and_acks() -> None:
     [settled] = h.worker.settled
     assert isinstance(settled, Failed)
     assert (settled.state, settled.code) == (State.FAILED, "RESULT_REJECTED")
-    assert h.events == [*HAPPY[:2], write(State.ANALYZING, State.FAILED),
+    assert h.events == [*HAPPY[:1], write(State.FETCHING, State.FAILED),
                         ("ack", m.message_id)]
     row = h.store.jobs[job.id]
     assert (row.state, row.error_code, row.attempts, row.faults) == \
@@ -1015,8 +1038,10 @@ async def test_postgres_down_at_shutdown_leaves_the_message_pending() -> None:
 
     h.runner.script = [outage_then_ok]
     await h.deliver(job.id)
-    assert h.worker.given == [Released(job.id)]  # no fault: the dependency's doing
-    assert h.worker.settled == []  # the release could not be written either
+    # The completing write gave up (the handler's own error path), and the release could not
+    # be written either: nothing settled, no fault, the message stays pending.
+    assert [type(o) for o in h.worker.given] == [Completed]
+    assert h.worker.settled == []
     assert h.events == [write(State.QUEUED, State.FETCHING)]
     row = h.store.jobs[job.id]
     assert (row.state, row.faults, row.owner_token) == (State.FETCHING, 0, h.worker.token)

@@ -292,6 +292,32 @@ async def test_local_waiters_are_served_in_arrival_order(fleet: Fleet) -> None:
 
 
 @integration
+async def test_a_higher_lane_waiter_goes_before_earlier_lower_ones(fleet: Fleet) -> None:
+    """An interactive scan of a site a bulk import also scans is not queued behind it."""
+    gate = fleet.gate(limit=1, max_sleep_s=5)
+    assert await gate.try_acquire("r.example", "first") == 0.0
+    stopping = asyncio.Event()
+    order: list[str] = []
+
+    async def job(name: str, rank: int) -> None:
+        assert await gate.acquire("r.example", name, stopping, rank=rank)
+        order.append(name)
+        await gate.release("r.example", name)
+
+    tasks = [asyncio.create_task(job(f"bulk-{i}", 2)) for i in range(4)]
+    await asyncio.sleep(0.1)
+    tasks.append(asyncio.create_task(job("interactive", 0)))
+    await asyncio.sleep(0.1)
+    await gate.release("r.example", "first")
+    async with asyncio.timeout(5):
+        await asyncio.gather(*tasks)
+    # bulk-0 held the turn (it was asking Redis) when the interactive one arrived; the
+    # interactive one is next, before the three bulk scans that came before it.
+    assert order == ["bulk-0", "interactive", "bulk-1", "bulk-2", "bulk-3"]
+    assert not gate._waiting
+
+
+@integration
 async def test_a_cancelled_waiter_passes_its_turn_on(fleet: Fleet) -> None:
     gate = fleet.gate(limit=1, max_sleep_s=5)
     assert await gate.try_acquire("c.example", "holder") == 0.0

@@ -93,6 +93,34 @@ async def test_complete_writes_result_and_audit_in_one_statement(store: Store) -
         "SELECT array_agg(version ORDER BY version) FROM scan_audit_log") == [1, 2, 3]
 
 
+async def test_complete_from_fetching_writes_analyzing_and_completed_in_one_statement(
+        store: Store) -> None:
+    job = await store.get_job(await store.insert_job("http://a.test/"))
+    assert job is not None
+    fetching = await store.transition(job, State.FETCHING, worker_id="w")
+    assert fetching is not None
+    report = Report(fetcher_version="1", requested_url="http://a.test/", http_status=200)
+    analysis = Analysis(verdict=Verdict.SAFE, score=0, signals=[], analyzer_version="t")
+    # Without the ANALYZING detail the job must be ANALYZING already: nothing is written.
+    assert await store.complete(fetching, worker_id="w", report=report, analysis=analysis,
+                                url_key=None) is None
+    assert await store.complete(fetching, worker_id="w", report=report, analysis=analysis,
+                                url_key=None, detail={"op": "b"},
+                                analyzing={"mode": "render", "op": "a"}) == 3
+    rows = await store.pool.fetch(
+        "SELECT from_state, to_state, version, detail->>'op' AS op FROM scan_audit_log "
+        "ORDER BY version")
+    assert [tuple(r) for r in rows] == [("QUEUED", "FETCHING", 1, None),
+                                        ("FETCHING", "ANALYZING", 2, "a"),
+                                        ("ANALYZING", "COMPLETED", 3, "b")]
+    done = await store.get_job(job.id)
+    assert done is not None and (done.state, done.version) == (State.COMPLETED, 3)
+    # A second try from the same seen version matches no row (the job moved on).
+    assert await store.complete(fetching, worker_id="w", report=report, analysis=analysis,
+                                url_key=None, analyzing={}) is None
+    assert await store.pool.fetchval("SELECT count(*) FROM scan_results") == 1
+
+
 async def test_submit_job_is_idempotent_per_key(store: Store) -> None:
     first = await store.submit_job(Submission(uuid.uuid4(), "http://a.test/", None, {"k": 1},
                                               "static", "tok:key-1", "hash-a"))
