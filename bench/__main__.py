@@ -219,7 +219,7 @@ def part6(a: argparse.Namespace) -> dict[str, Any]:
             "worker": functools.partial(_sync, latency.worker_latency, *args, a.redis_url),
             "docker_run": functools.partial(latency.docker_run_latency, *args),
             **{mode: functools.partial(_sync, latency.worker_latency, *args, a.redis_url, mode)
-               for mode in ("worker_started", "worker_cold")}})
+               for mode in ("worker_created", "worker_cold")}})
     finally:
         host.stop()
     # Each of our modes against `docker run --rm`, per round (the target is worker <= 0.75x).

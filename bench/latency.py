@@ -1,8 +1,8 @@
 """Part 6: what a user waits for. Submit -> terminal for a local test-host page on an idle
 worker, one scan at a time, against `docker run --rm` of the same fetch. Our worker runs in three
-modes: `worker` (the defaults: warm containers created ahead, started for their job),
-`worker_started` (WARM_START=true: started ahead too, the fetcher waiting on stdin) and
-`worker_cold` (WARM_CONTAINERS=false: each container created for its job).
+modes: `worker` (the defaults: warm containers created and started ahead, the fetcher waiting
+for its URL on stdin), `worker_created` (WARM_START=false: created ahead, started for their
+job) and `worker_cold` (WARM_CONTAINERS=false: each container created for its job).
 
 Our figure is the job row's own clock: `finished_at - created_at` (the INSERT is the submit; the
 XADD follows it). The docker side is the wall time of one `docker run --rm` process. Each scan
@@ -71,10 +71,10 @@ async def worker_latency(network: str, subnet: str, image: str, scans: int, redi
             env.worker_env(worker_id, CONCURRENCY, FETCHER_NETWORK=network,
                            FETCH_ALLOW_CIDRS=subnet, FETCH_ALLOWED_PORTS="80",
                            FETCHER_IMAGE=image, WARM_CONTAINERS=str(warm).lower(),
-                           WARM_START=str(mode == "worker_started").lower()),
+                           WARM_START=str(mode == "worker").lower()),
             Path(f"/tmp/{env.stream}.log"))]) as (env, r, pool, _):
         if warm:
-            await _warm_ready(worker_id, CONCURRENCY, "running" if mode == "worker_started"
+            await _warm_ready(worker_id, CONCURRENCY, "running" if mode == "worker"
                               else "created")
         ms: list[float] = []
         for _ in range(scans):

@@ -134,9 +134,11 @@ class Settings(BaseSettings):
     # Keep created-but-not-started fetcher containers ready, one per free slot (the URL reaches
     # them on stdin): container creation leaves the scan's critical path. docs/sandbox.md
     warm_containers: bool = True
-    # Also start them ahead (the fetcher waits for its URL on stdin): container start and the
-    # fetcher's start-up leave the critical path too; its deadlines start with the URL.
-    warm_start: bool = False
+    # Also start them ahead (the fetcher waits for its URL on stdin): container start (~250 ms
+    # here) and the fetcher's start-up leave the critical path too; its deadlines start with
+    # the URL. On by default since it held through the chaos tests; the cost is one idle
+    # fetcher process per free slot (bench part 6, docs/sandbox.md).
+    warm_start: bool = True
 
     # --- browser sandbox (render scans; docs/sandbox.md) ---
     browser_image: str = "safeurl-browser:latest"

@@ -489,6 +489,9 @@ class Runner:
             return None
         w = self._warm.pop(0)
         self._wake.set()
+        if not self._usable(w, None):  # too old, other settings, or no longer waiting: it
+            self._discard(w)  # never carries the job's name (only the image is judged after)
+            return None
         try:
             # Renamed before it can start: from here on `remove_labelled(job_id)` finds it.
             _, image_id = await asyncio.gather(
