@@ -269,25 +269,34 @@ async def _queue_figures(rds: redis.Redis, settings: Settings) -> dict[str, dict
     return figures
 
 
-def _add(counts: dict[str, int], row: Any) -> None:
+def _add(counts: dict[str, Any], row: Any) -> None:
     counts["queued"] += row["queued"]
     counts["running"] += row["running"]
+    counts["done_5m"] += row["done_5m"]
+    if row["oldest_queued_s"] is not None:
+        counts["oldest_queued_s"] = round(max(counts["oldest_queued_s"] or 0.0,
+                                              row["oldest_queued_s"]), 1)
+
+
+def _counts() -> dict[str, Any]:
+    return {"queued": 0, "running": 0, "oldest_queued_s": None, "done_5m": 0}
 
 
 _TENANTS_SHOWN = 50  # the status shows the tenants with the most unfinished jobs, not all
 
 
 async def queue_counts(store: Store, settings: Settings
-                       ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
-    """Unfinished jobs from the database: per lane (every configured lane, in priority order,
-    then any other lane found in rows) and per tenant (the _TENANTS_SHOWN busiest; jobs without
-    a tenant are not listed), each `{"queued": n, "running": m}`."""
-    lanes = {lane: {"queued": 0, "running": 0} for lane in settings.lane_weights}
-    tenants: dict[str, dict[str, int]] = {}
+                       ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """From the database: per lane (every configured lane, in priority order, then any other
+    lane found in rows) and per tenant (the _TENANTS_SHOWN busiest; jobs without a tenant are
+    not listed): `queued`, `running`, `oldest_queued_s` (the wait so far of the oldest queued
+    job) and `done_5m` (finished in the last 5 minutes)."""
+    lanes = {lane: _counts() for lane in settings.lane_weights}
+    tenants: dict[str, dict[str, Any]] = {}
     for r in await store.queue_counts():
-        _add(lanes.setdefault(r["lane"], {"queued": 0, "running": 0}), r)
+        _add(lanes.setdefault(r["lane"], _counts()), r)
         if r["tenant"] is not None:
-            _add(tenants.setdefault(r["tenant"], {"queued": 0, "running": 0}), r)
+            _add(tenants.setdefault(r["tenant"], _counts()), r)
     busiest = sorted(tenants.items(), key=lambda kv: (-kv[1]["queued"] - kv[1]["running"],
                                                       kv[0]))[:_TENANTS_SHOWN]
     return lanes, dict(sorted(busiest))
@@ -314,8 +323,9 @@ def status_table(st: dict[str, Any]) -> str:
     lines.append(f"DEAD LETTERS   {st['dead_letters']}")
     for title, rows in (("LANES", st.get("lanes", {})), ("TENANTS", st.get("tenants", {}))):
         if rows:
-            lines.append(f"{title:<34} queued  running")
-            lines += [f"  {name:<30} {c['queued']:>8} {c['running']:>8}"
+            lines.append(f"{title:<34} queued  running  oldest s  done 5m")
+            lines += [f"  {name:<30} {c['queued']:>8} {c['running']:>8} "
+                      f"{_or_dash(c['oldest_queued_s']):>9} {c['done_5m']:>8}"
                       for name, c in rows.items()]
     return "\n".join(lines)
 

@@ -476,15 +476,27 @@ class Store:
             return row
 
     async def queue_counts(self) -> list[asyncpg.Record]:
-        """Unfinished jobs by (lane, tenant): `queued` (QUEUED) and `running` (FETCHING or
-        ANALYZING); lane NULL is `default`, tenant NULL stays NULL. Reads only the active
-        jobs (scan_jobs_active_idx), however many have finished."""
+        """Per (lane, tenant): `queued` (QUEUED), `running` (FETCHING or ANALYZING), how long
+        the oldest queued job has waited (`oldest_queued_s`, None without one) and the jobs
+        finished in the last 5 minutes (`done_5m`: the throughput). Lane NULL is `default`,
+        tenant NULL stays NULL. Two index scans: the active jobs (scan_jobs_active_idx) and
+        the recently finished (scan_jobs_finished_idx), however many finished before."""
         return list(await self.pool.fetch("""
-            SELECT coalesce(lane, 'default') AS lane, tenant,
-                   count(*) FILTER (WHERE state = 'QUEUED') AS queued,
-                   count(*) FILTER (WHERE state <> 'QUEUED') AS running
-            FROM scan_jobs WHERE state IN ('QUEUED', 'FETCHING', 'ANALYZING')
-            GROUP BY 1, 2 ORDER BY 1, 2"""))
+            SELECT lane, tenant, sum(queued)::int AS queued, sum(running)::int AS running,
+                   max(oldest)::float AS oldest_queued_s, sum(done)::int AS done_5m FROM (
+                SELECT coalesce(lane, 'default') AS lane, tenant,
+                       count(*) FILTER (WHERE state = 'QUEUED') AS queued,
+                       count(*) FILTER (WHERE state <> 'QUEUED') AS running,
+                       extract(epoch FROM now() - min(created_at)
+                               FILTER (WHERE state = 'QUEUED')) AS oldest,
+                       0 AS done
+                FROM scan_jobs WHERE state IN ('QUEUED', 'FETCHING', 'ANALYZING')
+                GROUP BY 1, 2
+                UNION ALL
+                SELECT coalesce(lane, 'default'), tenant, 0, 0, NULL, count(*)
+                FROM scan_jobs WHERE finished_at > now() - interval '5 minutes'
+                GROUP BY 1, 2
+            ) x GROUP BY 1, 2 ORDER BY 1, 2"""))
 
     async def scan_view(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         """Everything the API shows about one scan: the job, its result, audit trail, and

@@ -149,10 +149,11 @@ class Fleet:
                 p.wait()
 
 
-async def check(settings: Settings) -> str:
-    """Run `safeurl-worker check` against the test's database and stream; fail on a violation."""
+async def check(settings: Settings, *args: str) -> str:
+    """Run `safeurl-worker check` against the test's database and stream; fail on a violation.
+    `--allow-active`: while jobs still run."""
     env = env_of(settings, "checker")
-    proc = await asyncio.create_subprocess_exec(CLI, "check", env=env,
+    proc = await asyncio.create_subprocess_exec(CLI, "check", *args, env=env,
                                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = await proc.communicate()
     text = out.decode()

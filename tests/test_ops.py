@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -382,22 +383,27 @@ async def test_status_counts_queued_and_running_per_lane_and_tenant(
     await _move(store, await _job(store), State.FETCHING)  # running, default lane, no tenant
     await _failed(store, "TIMEOUT")  # finished: counted nowhere
     st = await ops.fleet_status(store, rds, settings)
-    assert st["lanes"] == {"interactive": {"queued": 0, "running": 0},
-                           "default": {"queued": 2, "running": 1},
-                           "bulk": {"queued": 2, "running": 0}}
+
+    def counts(rows: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+        return {k: (c["queued"], c["running"], c["done_5m"]) for k, c in rows.items()}
+
+    assert counts(st["lanes"]) == {"interactive": (0, 0, 0), "default": (2, 1, 1),
+                                   "bulk": (2, 0, 0)}
     assert list(st["lanes"]) == list(settings.lane_weights)  # priority order
-    assert st["tenants"] == {"acme": {"queued": 2, "running": 0},
-                             "zed": {"queued": 1, "running": 0}}
+    assert counts(st["tenants"]) == {"acme": (2, 0, 0), "zed": (1, 0, 0)}
+    # The wait so far of each one's oldest queued job; none queued, none waiting.
+    assert st["lanes"]["interactive"]["oldest_queued_s"] is None
+    assert 0 <= st["lanes"]["bulk"]["oldest_queued_s"] < 60
     table = ops.status_table(st).splitlines()
     assert table[0] == "JOBS"  # the existing shape first, the new sections after it
-    i = table.index("LANES                              queued  running")
-    assert table[i + 1:i + 4] == [
-        "  interactive                           0        0",
-        "  default                               2        1",
-        "  bulk                                  2        0"]
-    j = table.index("TENANTS                            queued  running")
-    assert table[j + 1:] == ["  acme                                  2        0",
-                             "  zed                                   1        0"]
+    i = table.index("LANES                              queued  running  oldest s  done 5m")
+    assert [line.split() for line in table[i + 1:i + 4]] == [
+        ["interactive", "0", "0", "-", "0"],
+        ["default", "2", "1", str(st["lanes"]["default"]["oldest_queued_s"]), "1"],
+        ["bulk", "2", "0", str(st["lanes"]["bulk"]["oldest_queued_s"]), "0"]]
+    j = table.index("TENANTS                            queued  running  oldest s  done 5m")
+    assert [line.split()[:3] for line in table[j + 1:]] == [["acme", "2", "0"],
+                                                           ["zed", "1", "0"]]
     assert st["queues"] == {}  # nothing was XADDed (rows inserted directly)
 
 

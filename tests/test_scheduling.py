@@ -215,6 +215,9 @@ async def test_one_domain_within_its_limit_through_a_kill(
             fleet.procs[victim].send_signal(signal.SIGKILL)
             fleet.procs[victim].wait(10)
             killed_at = await store.pool.fetchval("SELECT now()")
+            # The invariants hold throughout: with the victim's messages not yet taken over,
+            # and again once everything settled (below).
+            await check(polite, "--allow-active")
             await wait_all_terminal(store, ids, timeout=240)
         peak = await in_flight_peak(store, ids, victim, killed_at)
         states = await store.pool.fetch(
