@@ -386,7 +386,9 @@ async def test_status_is_the_fleet_table_as_json(api: Api) -> None:
     assert st["jobs"]["QUEUED"] == 1 and st["stream"]["length"] == 1
     assert set(st) == {"jobs", "last_5m", "last_60m", "oldest_queued_s", "stream",
                        "dead_letters", "lanes", "tenants", "queues"}
-    assert st["lanes"]["default"] == {"queued": 1, "running": 0} and st["tenants"] == {}
+    assert st["lanes"]["default"] | {"oldest_queued_s": None} == {
+        "queued": 1, "running": 0, "oldest_queued_s": None, "done_5m": 0}
+    assert st["tenants"] == {}
 
 
 # --- lanes, tenants, quotas ------------------------------------------------------------------
