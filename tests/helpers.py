@@ -147,6 +147,15 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        # A SIGKILLed replica leaves its warm containers to the janitor's orphan age, which a
+        # test does not wait for: remove what this fleet's workers made.
+        for worker in self.procs:
+            ids = subprocess.run(["docker", "ps", "-aq", "--filter",
+                                  f"label=safeurl.worker_id={worker}", "--filter",
+                                  f"network={self.settings.fetcher_network}"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            if ids:
+                subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=60)
 
 
 async def check(settings: Settings, *args: str) -> str:
